@@ -1,0 +1,351 @@
+//! Processor configuration: built-in defaults < `processor.toml` (or `--config FILE`) <
+//! environment `PROCESSOR_SECTION__KEY` < command-line flags.
+//!
+//! Every struct denies unknown keys, and `validate` checks values, so a typo or a bad value
+//! stops the processor at start with a message naming the key and where it came from.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// File read when no `--config` is given (if it exists).
+pub const DEFAULT_CONFIG_FILE: &str = "processor.toml";
+/// Prefix of the environment variables that set config keys.
+pub const ENV_PREFIX: &str = "PROCESSOR_";
+/// Environment variable naming the config file (same as `--config`).
+pub const ENV_CONFIG_FILE: &str = "PROCESSOR_CONFIG";
+
+/// The whole configuration tree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Connection to NATS.
+    pub nats: NatsConfig,
+    /// The NATS micro service this processor registers.
+    pub service: ServiceConfig,
+    /// The model that computes batches.
+    pub model: ModelConfig,
+    /// How requests are grouped into batches.
+    pub batch: BatchConfig,
+}
+
+/// `[nats]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".to_string(),
+        }
+    }
+}
+
+/// `[service]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// NATS micro service name (A-Z, a-z, 0-9, `-`, `_`), used by `$SRV.*` discovery.
+    pub name: String,
+    /// Tasks are served on `{subject_prefix}.{task}`.
+    pub subject_prefix: String,
+    /// Queue group shared by all processors of one deployment.
+    pub queue_group: String,
+    /// Most inputs one request may carry.
+    pub max_inputs: usize,
+    /// Most bytes one input text may have.
+    pub max_input_bytes: usize,
+    /// Answer requests on `{subject_prefix}.<unknown>` with an `unknown_task` error. This costs
+    /// a second delivery of every request to the pool (on a catch-all subscription that
+    /// ignores known tasks); turn it off to save that and let unknown subjects get "no
+    /// responders".
+    pub reply_unknown_tasks: bool,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            name: "bert-processor".to_string(),
+            subject_prefix: schemas::DEFAULT_SUBJECT_PREFIX.to_string(),
+            queue_group: "bert-processors".to_string(),
+            max_inputs: 256,
+            max_input_bytes: 64 * 1024,
+            reply_unknown_tasks: true,
+        }
+    }
+}
+
+/// Which model to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Returns its inputs (middleware overhead only).
+    Echo,
+    /// Echo that sleeps `batch_ms + item_ms * n` per batch (a simulated accelerator).
+    Sim,
+}
+
+/// `[model]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `echo` or `sim`.
+    pub kind: ModelKind,
+    /// Directory of a model checkpoint (for models loaded from disk).
+    pub path: PathBuf,
+    /// `sim`: fixed cost of one batch, in milliseconds.
+    pub batch_ms: f64,
+    /// `sim`: cost of each input of a batch, in milliseconds.
+    pub item_ms: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            kind: ModelKind::Echo,
+            path: PathBuf::from("models/all-MiniLM-L6-v2"),
+            batch_ms: 10.0,
+            item_ms: 0.5,
+        }
+    }
+}
+
+/// `[batch]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// A batch closes when it holds this many inputs.
+    pub max_size: usize,
+    /// ... or this long after its first input arrived, whichever comes first.
+    pub max_latency_ms: u64,
+    /// Most inputs waiting for a batch; beyond it requests get an `overloaded` reply.
+    pub queue_capacity: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_size: 32,
+            max_latency_ms: 5,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+impl BatchConfig {
+    /// `max_latency_ms` as a duration.
+    pub fn max_latency(&self) -> Duration {
+        Duration::from_millis(self.max_latency_ms)
+    }
+}
+
+/// A configuration that could not be loaded or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A key is unknown, a value has the wrong type, or a file does not parse.
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    /// The file named with `--config` does not exist.
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    /// A value has the right type but is not usable.
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `batch.max_size`.
+        key: &'static str,
+        /// Why the value is refused.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// The figment with every layer below the command line: defaults, the config file
+    /// (`file`, else `processor.toml` if present) and the environment.
+    pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) if !path.exists() => return Err(ConfigError::MissingFile(path.into())),
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
+            }
+            None => {}
+        }
+        let env = Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .ignore(&["config"]);
+        Ok(figment.merge(env))
+    }
+
+    /// Extracts and validates the configuration from a figment.
+    pub fn from_figment(figment: &Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            }
+        }
+        if self.nats.url.trim().is_empty() {
+            return Err(invalid("nats.url", "must not be empty"));
+        }
+        let name = &self.service.name;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "service.name",
+                format!("{name:?} may only use A-Z, a-z, 0-9, `-` and `_`"),
+            ));
+        }
+        if !is_subject_prefix(&self.service.subject_prefix) {
+            return Err(invalid(
+                "service.subject_prefix",
+                format!(
+                    "{:?} is not a NATS subject prefix (dot-separated tokens, no spaces or wildcards)",
+                    self.service.subject_prefix
+                ),
+            ));
+        }
+        if self.service.queue_group.is_empty()
+            || self.service.queue_group.contains(char::is_whitespace)
+        {
+            return Err(invalid("service.queue_group", "must be one word"));
+        }
+        if self.service.max_inputs == 0 {
+            return Err(invalid("service.max_inputs", "must be at least 1"));
+        }
+        if self.service.max_input_bytes == 0 {
+            return Err(invalid("service.max_input_bytes", "must be at least 1"));
+        }
+        for (key, ms) in [("model.batch_ms", self.model.batch_ms), ("model.item_ms", self.model.item_ms)] {
+            if !(ms.is_finite() && (0.0..=3_600_000.0).contains(&ms)) {
+                return Err(invalid(key, format!("{ms} is not a duration in milliseconds")));
+            }
+        }
+        if self.batch.max_size == 0 {
+            return Err(invalid("batch.max_size", "must be at least 1"));
+        }
+        if self.batch.queue_capacity < self.batch.max_size {
+            return Err(invalid(
+                "batch.queue_capacity",
+                format!(
+                    "{} is smaller than batch.max_size ({}), so no batch could fill",
+                    self.batch.queue_capacity, self.batch.max_size
+                ),
+            ));
+        }
+        if self.service.max_inputs > self.batch.queue_capacity {
+            return Err(invalid(
+                "service.max_inputs",
+                format!(
+                    "{} is larger than batch.queue_capacity ({}), so such a request could never be queued",
+                    self.service.max_inputs, self.batch.queue_capacity
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn is_subject_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.split('.').all(|token| {
+            !token.is_empty()
+                && !token
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '*' || c == '>')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid_and_point_at_local_nats() {
+        Jail::expect_with(|_jail| {
+            let config = Config::from_figment(&Config::figment(None).unwrap()).unwrap();
+            assert_eq!(config, Config::default());
+            assert_eq!(config.nats.url, "nats://127.0.0.1:4222");
+            assert_eq!(config.service.subject_prefix, "bert");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_overrides_file_which_overrides_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "processor.toml",
+                "[model]\nkind = \"sim\"\nbatch_ms = 3.5\n[batch]\nmax_size = 8\n",
+            )?;
+            jail.set_env("PROCESSOR_BATCH__MAX_SIZE", "16");
+            jail.set_env("PROCESSOR_NATS__URL", "nats://10.0.0.1:4222");
+            jail.set_env("PROCESSOR_CONFIG", "ignored-here.toml");
+            let config = Config::from_figment(&Config::figment(None).unwrap()).unwrap();
+            assert_eq!(config.model.kind, ModelKind::Sim);
+            assert_eq!(config.model.batch_ms, 3.5);
+            assert_eq!(config.batch.max_size, 16);
+            assert_eq!(config.nats.url, "nats://10.0.0.1:4222");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("PROCESSOR_MODEL__KINDD", "echo");
+            let err = Config::from_figment(&Config::figment(None).unwrap()).unwrap_err();
+            assert!(err.to_string().contains("kindd"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("PROCESSOR_MODEL__KIND", "gpt");
+            let err = Config::from_figment(&Config::figment(None).unwrap()).unwrap_err();
+            assert!(err.to_string().contains("gpt"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("PROCESSOR_BATCH__MAX_SIZE", "many");
+            let err = Config::from_figment(&Config::figment(None).unwrap()).unwrap_err();
+            let text = err.to_string().to_lowercase();
+            assert!(text.contains("batch.max_size") && text.contains("many"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("PROCESSOR_BATCH__MAX_SIZE", "0");
+            let err = Config::from_figment(&Config::figment(None).unwrap()).unwrap_err();
+            assert!(err.to_string().contains("batch.max_size"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("PROCESSOR_SERVICE__SUBJECT_PREFIX", "bert.*");
+            let err = Config::from_figment(&Config::figment(None).unwrap()).unwrap_err();
+            assert!(err.to_string().contains("subject_prefix"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_named_config_file_must_exist() {
+        let err = Config::figment(Some(Path::new("/nonexistent/p.toml"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/p.toml"), "{err}");
+    }
+}

@@ -1,0 +1,30 @@
+//! `echo`: returns every input unchanged, for every task. Measures the middleware alone.
+
+use schemas::{Output, Task};
+
+use super::{BatchModel, InputError, ModelInput};
+
+/// The model that answers each input with its own text.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EchoModel;
+
+impl BatchModel for EchoModel {
+    fn name(&self) -> &str {
+        "echo"
+    }
+
+    fn supports(&self, _task: Task) -> bool {
+        true
+    }
+
+    fn run(&mut self, _task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
+        inputs
+            .iter()
+            .map(|input| {
+                Ok(Output::Text {
+                    text: input.text.to_string(),
+                })
+            })
+            .collect()
+    }
+}

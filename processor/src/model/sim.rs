@@ -1,0 +1,66 @@
+//! `sim`: a simulated accelerator. A batch of n inputs takes `batch_ms + item_ms * n` of wall
+//! time spent asleep (as a GPU-bound worker's CPU thread is), then echoes its inputs.
+
+use std::time::Duration;
+
+use schemas::{Output, Task};
+
+use super::{BatchModel, EchoModel, InputError, ModelInput};
+
+/// Echo with a configurable per-batch and per-input cost.
+#[derive(Debug, Clone)]
+pub struct SimModel {
+    per_batch: Duration,
+    per_item: Duration,
+}
+
+impl SimModel {
+    /// A model whose batch of n inputs takes `per_batch + per_item * n`.
+    pub fn new(per_batch: Duration, per_item: Duration) -> Self {
+        SimModel {
+            per_batch,
+            per_item,
+        }
+    }
+
+    /// The time a batch of `n` inputs takes.
+    pub fn batch_time(&self, n: usize) -> Duration {
+        self.per_batch + self.per_item * n as u32
+    }
+}
+
+impl BatchModel for SimModel {
+    fn name(&self) -> &str {
+        "sim"
+    }
+
+    fn supports(&self, _task: Task) -> bool {
+        true
+    }
+
+    fn run(&mut self, task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
+        std::thread::sleep(self.batch_time(inputs.len()));
+        EchoModel.run(task, inputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::InferOptions;
+    use std::time::Instant;
+
+    #[test]
+    fn a_batch_takes_its_simulated_time_and_echoes() {
+        let mut model = SimModel::new(Duration::from_millis(20), Duration::from_millis(5));
+        let options = InferOptions::default();
+        let inputs: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|text| ModelInput { text, options: &options })
+            .collect();
+        let started = Instant::now();
+        let outputs = model.run(Task::Embed, &inputs);
+        assert!(started.elapsed() >= Duration::from_millis(35));
+        assert_eq!(outputs[2], Ok(Output::Text { text: "c".into() }));
+    }
+}

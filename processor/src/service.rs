@@ -1,0 +1,355 @@
+//! The NATS side: registers the micro service and its endpoints, decodes requests, hands
+//! them to the batcher and publishes one reply per request.
+//!
+//! Nothing here computes; every request runs in its own small task so a slow batch never
+//! stops the endpoint loops from draining their subscriptions.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use async_nats::service::{endpoint::Endpoint, Request, Service, ServiceExt};
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use schemas::{
+    decode, encode, headers, Encoding, ErrorBody, ErrorCode, InferReply, InferRequest, Task,
+};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::batcher::{BatchPolicy, Batcher, Workers};
+use crate::config::{Config, ServiceConfig};
+use crate::model;
+
+/// What an endpoint serves.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// `{prefix}.{task}`
+    Task(Task),
+    /// `{prefix}.*`: answers subjects that name no task; ignores the known ones.
+    UnknownTask,
+}
+
+/// Request counters shown in `$SRV.STATS` next to the batcher's.
+#[derive(Debug, Default)]
+struct ReplyStats {
+    ok: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What every request task needs.
+struct Context {
+    batcher: Batcher,
+    limits: ServiceConfig,
+    stats: Arc<ReplyStats>,
+}
+
+/// A started processor: model loaded, endpoints subscribed. Call [`Processor::run_until`].
+pub struct Processor {
+    client: async_nats::Client,
+    service: Service,
+    endpoints: Vec<(Route, Endpoint)>,
+    context: Arc<Context>,
+    workers: Workers,
+}
+
+/// Starts a processor and serves until `shutdown` completes, then stops taking requests,
+/// answers every request it holds and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    Processor::start(config).await?.run_until(shutdown).await
+}
+
+impl Processor {
+    /// Loads the model, connects to NATS and registers the service. When this returns, the
+    /// endpoints are subscribed on the server and requests will be answered.
+    pub async fn start(config: Config) -> anyhow::Result<Processor> {
+        let policy = BatchPolicy {
+            max_size: config.batch.max_size,
+            max_latency: config.batch.max_latency(),
+            queue_capacity: config.batch.queue_capacity,
+        };
+        let model_config = config.model.clone();
+        let (batcher, workers) = Batcher::start(policy, 1, move |_| model::load(&model_config))
+            .await
+            .context("loading the model")?;
+
+        let url = &config.nats.url;
+        let client = async_nats::ConnectOptions::new()
+            .name(&config.service.name)
+            .connect(url.as_str())
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?;
+
+        let reply_stats = Arc::new(ReplyStats::default());
+        let service = {
+            let batcher_stats = batcher.stats().clone();
+            let reply_stats = reply_stats.clone();
+            let metadata = HashMap::from([
+                ("model".to_string(), batcher.model_name().to_string()),
+                ("subject_prefix".to_string(), config.service.subject_prefix.clone()),
+            ]);
+            client
+                .service_builder()
+                .description("batched BERT inference (embed, fill_mask)")
+                .queue_group(&config.service.queue_group)
+                .metadata(metadata)
+                .stats_handler(move |_endpoint, _stats| {
+                    serde_json::json!({
+                        "replies_ok": reply_stats.ok.load(Ordering::Relaxed),
+                        "replies_error": reply_stats.errors.load(Ordering::Relaxed),
+                        "batches": batcher_stats.batches.load(Ordering::Relaxed),
+                        "inputs": batcher_stats.inputs.load(Ordering::Relaxed),
+                        "mean_batch_size": batcher_stats.mean_batch_size(),
+                        "rejected_overloaded": batcher_stats.rejected.load(Ordering::Relaxed),
+                    })
+                })
+                .start(&config.service.name, env!("CARGO_PKG_VERSION"))
+                .await
+                .map_err(|e| anyhow::anyhow!("registering the NATS service: {e}"))?
+        };
+
+        let prefix = &config.service.subject_prefix;
+        let mut endpoints = Vec::new();
+        for task in Task::ALL {
+            let endpoint = service
+                .endpoint_builder()
+                .name(task.as_str())
+                .add(schemas::subject(prefix, task))
+                .await
+                .map_err(|e| anyhow::anyhow!("adding the {task} endpoint: {e}"))?;
+            endpoints.push((Route::Task(task), endpoint));
+        }
+        if config.service.reply_unknown_tasks {
+            // A queue group of its own: this subscription also matches the known subjects,
+            // and must not take those messages away from their endpoints.
+            let endpoint = service
+                .endpoint_builder()
+                .name("unknown_task")
+                .queue_group(format!("{}.unknown_task", config.service.queue_group))
+                .add(format!("{prefix}.*"))
+                .await
+                .map_err(|e| anyhow::anyhow!("adding the unknown-task endpoint: {e}"))?;
+            endpoints.push((Route::UnknownTask, endpoint));
+        }
+        client
+            .flush()
+            .await
+            .context("flushing subscriptions to NATS")?;
+        tracing::info!(
+            model = batcher.model_name(),
+            url = %url,
+            prefix = %prefix,
+            queue_group = %config.service.queue_group,
+            "processor ready"
+        );
+        Ok(Processor {
+            client,
+            service,
+            endpoints,
+            context: Arc::new(Context {
+                batcher,
+                limits: config.service,
+                stats: reply_stats,
+            }),
+            workers,
+        })
+    }
+
+    /// Serves until `shutdown` completes; then unsubscribes, answers everything already
+    /// received, stops the model workers and returns.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let requests = TaskTracker::new();
+        let mut loops = tokio::task::JoinSet::new();
+        for (route, endpoint) in self.endpoints {
+            loops.spawn(serve_endpoint(
+                route,
+                endpoint,
+                self.context.clone(),
+                requests.clone(),
+                stop.clone(),
+            ));
+        }
+        shutdown.await;
+        tracing::info!("shutting down: no new requests, answering the ones held");
+        stop.cancel();
+        while loops.join_next().await.is_some() {}
+        requests.close();
+        requests.wait().await;
+        drop(self.context);
+        self.service
+            .stop()
+            .await
+            .map_err(|e| anyhow::anyhow!("stopping the NATS service: {e}"))?;
+        self.client.flush().await.context("flushing replies")?;
+        let workers = self.workers;
+        tokio::task::spawn_blocking(move || workers.join())
+            .await
+            .context("joining model workers")?;
+        tracing::info!("processor stopped");
+        Ok(())
+    }
+}
+
+async fn serve_endpoint(
+    route: Route,
+    mut endpoint: Endpoint,
+    context: Arc<Context>,
+    requests: TaskTracker,
+    stop: CancellationToken,
+) {
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                // Unsubscribing ends the stream after the messages already delivered to us,
+                // which are still answered below.
+                if let Err(err) = endpoint.stop().await {
+                    tracing::warn!(%err, "unsubscribing an endpoint");
+                    break;
+                }
+            }
+            request = endpoint.next() => match request {
+                Some(request) => {
+                    requests.spawn(handle(route, request, context.clone()));
+                }
+                None => break,
+            },
+        }
+    }
+}
+
+async fn handle(route: Route, request: Request, context: Arc<Context>) {
+    let message = &request.message;
+    let content_type = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::CONTENT_TYPE))
+        .map(|v| v.as_str());
+    let encoding = Encoding::detect(content_type, &message.payload);
+    let task = match route {
+        Route::Task(task) => task,
+        Route::UnknownTask => {
+            let name = message.subject.rsplit('.').next().unwrap_or_default();
+            if Task::ALL.iter().any(|task| task.as_str() == name) {
+                return; // its own endpoint answers it
+            }
+            let error = ErrorBody::new(
+                ErrorCode::UnknownTask,
+                format!("unknown task `{name}`; this service serves embed and fill_mask"),
+            );
+            return reply(&request, encoding, Err(error), &context.stats).await;
+        }
+    };
+    let result = context.infer(task, &message.payload, encoding).await;
+    reply(&request, encoding, result, &context.stats).await
+}
+
+impl Context {
+    async fn infer(
+        &self,
+        task: Task,
+        payload: &[u8],
+        encoding: Encoding,
+    ) -> Result<InferReply, ErrorBody> {
+        let request: InferRequest = decode(encoding, payload).map_err(|e| {
+            ErrorBody::new(
+                ErrorCode::MalformedRequest,
+                format!("the payload is not a valid request: {e}"),
+            )
+        })?;
+        self.check(&request)?;
+        let completed = self
+            .batcher
+            .infer(task, request.inputs, request.options)
+            .await?;
+        Ok(InferReply {
+            outputs: completed.outputs,
+            model: self.batcher.model_name().to_string(),
+            batch_size: completed.batch_size as u32,
+        })
+    }
+
+    /// Refuses requests no model should see: none, too many or too large inputs.
+    fn check(&self, request: &InferRequest) -> Result<(), ErrorBody> {
+        let limits = &self.limits;
+        if request.inputs.is_empty() {
+            return Err(ErrorBody::new(
+                ErrorCode::InvalidInput,
+                "`inputs` is empty; send at least one text",
+            ));
+        }
+        if request.inputs.len() > limits.max_inputs {
+            return Err(ErrorBody::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "{} inputs in one request; the limit is {} (service.max_inputs): split it",
+                    request.inputs.len(),
+                    limits.max_inputs
+                ),
+            ));
+        }
+        for (i, input) in request.inputs.iter().enumerate() {
+            if input.is_empty() {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidInput,
+                    format!("input {i} is empty"),
+                ));
+            }
+            if input.len() > limits.max_input_bytes {
+                return Err(ErrorBody::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "input {i} has {} bytes; the limit is {} (service.max_input_bytes)",
+                        input.len(),
+                        limits.max_input_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn reply(
+    request: &Request,
+    encoding: Encoding,
+    result: Result<InferReply, ErrorBody>,
+    stats: &ReplyStats,
+) {
+    let mut reply_headers = HeaderMap::new();
+    reply_headers.insert(headers::CONTENT_TYPE, encoding.media_type());
+    let body = match &result {
+        Ok(reply) => {
+            stats.ok.fetch_add(1, Ordering::Relaxed);
+            encode(encoding, reply)
+        }
+        Err(error) => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(code = error.code, kind = error.kind.as_str(), message = %error.message, "error reply");
+            reply_headers.insert(headers::SERVICE_ERROR, one_line(&error.message).as_str());
+            reply_headers.insert(headers::SERVICE_ERROR_CODE, error.code.to_string().as_str());
+            encode(encoding, error)
+        }
+    };
+    let body = body.unwrap_or_else(|e| {
+        // Our own types always encode; answer anyway rather than leave the requester waiting.
+        tracing::error!(%e, "encoding a reply");
+        format!("could not encode the reply: {e}").into_bytes()
+    });
+    if let Err(err) = request
+        .respond_with_headers(Ok(body.into()), reply_headers)
+        .await
+    {
+        tracing::warn!(%err, subject = %request.message.subject, "could not send a reply (no reply inbox?)");
+    }
+}
+
+/// Header values are single lines.
+fn one_line(text: &str) -> String {
+    text.replace(['\r', '\n'], " ")
+}

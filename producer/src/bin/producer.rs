@@ -1,0 +1,183 @@
+//! `producer`: send texts to the service and print one JSON object per input, in input order.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures::{stream, StreamExt, TryStreamExt};
+use producer::{Client, ClientOptions};
+use schemas::{InferOptions, InferRequest, Output, Task};
+
+/// Send inference requests to the processors over NATS.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    server: String,
+    /// Subject prefix of the service.
+    #[arg(long, env = "PRODUCER_PREFIX", default_value = schemas::DEFAULT_SUBJECT_PREFIX)]
+    prefix: String,
+    /// How long one attempt waits for its reply (e.g. 2s, 500ms).
+    #[arg(long, env = "PRODUCER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Retries after the first attempt on no-responders, timeouts and overload.
+    #[arg(long, env = "PRODUCER_RETRIES", default_value_t = 3)]
+    retries: u32,
+    /// Inputs per request; more inputs are split into requests sent concurrently.
+    #[arg(long, env = "PRODUCER_CHUNK", default_value_t = 64)]
+    chunk: usize,
+    /// Send JSON instead of CBOR.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Sentence embeddings: prints {"input": ..., "embedding": [...]} per input.
+    Embed {
+        /// Texts to embed, or `-` to read one per line from stdin.
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        /// Return the raw mean-pooled vector instead of a unit vector.
+        #[arg(long)]
+        no_normalize: bool,
+        /// Cut inputs longer than the model accepts instead of failing.
+        #[arg(long)]
+        truncate: bool,
+    },
+    /// Fill each [MASK]: prints {"input": ..., "masks": [[{"token", "score"}...]], "sequence": ...}.
+    FillMask {
+        /// Texts with [MASK] tokens, or `-` to read one per line from stdin.
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        /// Candidates per mask.
+        #[arg(long)]
+        top_k: Option<u32>,
+        /// Cut inputs longer than the model accepts instead of failing.
+        #[arg(long)]
+        truncate: bool,
+    },
+}
+
+impl Command {
+    fn task_inputs_options(self) -> (Task, Vec<String>, InferOptions) {
+        match self {
+            Command::Embed {
+                inputs,
+                no_normalize,
+                truncate,
+            } => (
+                Task::Embed,
+                inputs,
+                InferOptions {
+                    normalize: no_normalize.then_some(false),
+                    truncate: truncate.then_some(true),
+                    ..InferOptions::default()
+                },
+            ),
+            Command::FillMask {
+                inputs,
+                top_k,
+                truncate,
+            } => (
+                Task::FillMask,
+                inputs,
+                InferOptions {
+                    top_k,
+                    truncate: truncate.then_some(true),
+                    ..InferOptions::default()
+                },
+            ),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("producer: starting the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("producer: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let options = ClientOptions {
+        prefix: cli.prefix,
+        timeout: cli.timeout,
+        retries: cli.retries,
+        encoding: if cli.json {
+            schemas::Encoding::Json
+        } else {
+            schemas::Encoding::Cbor
+        },
+        ..ClientOptions::default()
+    };
+    let chunk = cli.chunk.max(1);
+    let (task, inputs, request_options) = cli.command.task_inputs_options();
+    let inputs = read_inputs(inputs)?;
+    let client = Client::connect_with(&cli.server, options).await?;
+
+    // Requests go out concurrently; `buffered` yields their replies in input order.
+    let requests = inputs.chunks(chunk).map(|texts| {
+        let client = client.clone();
+        let request = InferRequest {
+            inputs: texts.to_vec(),
+            options: request_options,
+        };
+        async move { client.request(task, &request).await }
+    });
+    let replies: Vec<_> = stream::iter(requests).buffered(16).try_collect().await?;
+
+    let mut stdout = std::io::stdout().lock();
+    let outputs = replies.into_iter().flat_map(|reply| reply.outputs);
+    for (input, output) in inputs.iter().zip(outputs) {
+        writeln!(stdout, "{}", line(input, &output)?)?;
+    }
+    Ok(())
+}
+
+/// `-` anywhere in the inputs stands for the lines of stdin.
+fn read_inputs(args: Vec<String>) -> anyhow::Result<Vec<String>> {
+    let mut inputs = Vec::new();
+    for arg in args {
+        if arg == "-" {
+            for line in std::io::stdin().lock().lines() {
+                let line = line?;
+                if !line.trim().is_empty() {
+                    inputs.push(line);
+                }
+            }
+        } else {
+            inputs.push(arg);
+        }
+    }
+    anyhow::ensure!(!inputs.is_empty(), "no inputs (stdin was empty)");
+    Ok(inputs)
+}
+
+/// `{"input": ..., <the output's own fields>}`.
+fn line(input: &str, output: &Output) -> anyhow::Result<String> {
+    let mut object = serde_json::Map::new();
+    object.insert("input".into(), input.into());
+    match serde_json::to_value(output)? {
+        serde_json::Value::Object(fields) => object.extend(fields),
+        other => {
+            object.insert("output".into(), other);
+        }
+    }
+    Ok(serde_json::Value::Object(object).to_string())
+}

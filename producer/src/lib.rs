@@ -1,0 +1,257 @@
+//! Async client for the processors: encodes a request, sends it on `{prefix}.{task}` with a
+//! reply inbox, waits for the reply and decodes it (or its error body).
+//!
+//! One [`Client`] may have any number of requests in flight (they share one NATS connection
+//! and its multiplexed inbox). Requests that found no processor, timed out or were refused as
+//! overloaded are retried with jittered exponential backoff.
+
+use std::time::Duration;
+
+use async_nats::{HeaderMap, RequestErrorKind};
+use schemas::{
+    decode, encode, headers, Encoding, ErrorBody, ErrorCode, FillMaskOutput, InferReply,
+    InferRequest, Output, Task,
+};
+
+/// How requests are sent.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Subject prefix of the service (`bert` unless the deployment chose another).
+    pub prefix: String,
+    /// How long one attempt waits for its reply.
+    pub timeout: Duration,
+    /// Attempts after the first one, for retryable failures.
+    pub retries: u32,
+    /// Base of the exponential backoff between attempts (full jitter, capped at 2 s).
+    pub backoff: Duration,
+    /// Encoding of requests (replies come back in the same one).
+    pub encoding: Encoding,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            prefix: schemas::DEFAULT_SUBJECT_PREFIX.to_string(),
+            timeout: Duration::from_secs(10),
+            retries: 3,
+            backoff: Duration::from_millis(50),
+            encoding: Encoding::Cbor,
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Could not connect to the NATS server.
+    #[error("connecting to NATS at {url}: {message}")]
+    Connect {
+        /// The server URL tried.
+        url: String,
+        /// The connection error.
+        message: String,
+    },
+    /// No processor listens on the subject (after every retry).
+    #[error("no processor is serving {subject} (tried {attempts} times)")]
+    NoResponders {
+        /// The request subject.
+        subject: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// No reply within the timeout (after every retry).
+    #[error("no reply on {subject} within {timeout:?} (tried {attempts} times)")]
+    TimedOut {
+        /// The request subject.
+        subject: String,
+        /// Per-attempt timeout.
+        timeout: Duration,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The processor answered with an error reply.
+    #[error("the service refused the request: {0}")]
+    Service(ErrorBody),
+    /// The reply could not be understood.
+    #[error("unexpected reply: {0}")]
+    BadReply(String),
+    /// Any other NATS failure.
+    #[error("NATS: {0}")]
+    Transport(String),
+}
+
+impl Error {
+    /// The service's error body, if the processor answered with an error.
+    pub fn service_error(&self) -> Option<&ErrorBody> {
+        match self {
+            Error::Service(body) => Some(body),
+            _ => None,
+        }
+    }
+}
+
+/// A client of the inference service.
+#[derive(Debug, Clone)]
+pub struct Client {
+    nats: async_nats::Client,
+    options: ClientOptions,
+}
+
+/// The outcome of one attempt, before retry decisions.
+enum Attempt {
+    Done(Result<InferReply, Error>),
+    Retry(Error),
+}
+
+impl Client {
+    /// Connects to a NATS server with default options.
+    pub async fn connect(url: &str) -> Result<Client, Error> {
+        Self::connect_with(url, ClientOptions::default()).await
+    }
+
+    /// Connects to a NATS server with the given options.
+    pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Client, Error> {
+        let nats = async_nats::ConnectOptions::new()
+            .name("producer")
+            .connect(url)
+            .await
+            .map_err(|e| Error::Connect {
+                url: url.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Client::from_nats(nats, options))
+    }
+
+    /// Wraps an existing NATS connection.
+    pub fn from_nats(nats: async_nats::Client, options: ClientOptions) -> Client {
+        Client { nats, options }
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    /// Sentence embeddings, one vector per input.
+    pub async fn embed(&self, inputs: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
+        let reply = self.request(Task::Embed, &InferRequest::new(inputs.iter().copied())).await?;
+        reply
+            .outputs
+            .into_iter()
+            .map(|output| match output {
+                Output::Embedding { embedding } => Ok(embedding),
+                other => Err(Error::BadReply(format!("expected an embedding, got {other:?}"))),
+            })
+            .collect()
+    }
+
+    /// Mask predictions, one [`FillMaskOutput`] per input.
+    pub async fn fill_mask(&self, inputs: &[&str]) -> Result<Vec<FillMaskOutput>, Error> {
+        let reply = self
+            .request(Task::FillMask, &InferRequest::new(inputs.iter().copied()))
+            .await?;
+        reply
+            .outputs
+            .into_iter()
+            .map(|output| match output {
+                Output::FillMask(fill) => Ok(fill),
+                other => Err(Error::BadReply(format!("expected mask predictions, got {other:?}"))),
+            })
+            .collect()
+    }
+
+    /// Sends any request to a task and returns the whole reply.
+    pub async fn request(&self, task: Task, request: &InferRequest) -> Result<InferReply, Error> {
+        let subject = schemas::subject(&self.options.prefix, task);
+        let encoding = self.options.encoding;
+        let payload = encode(encoding, request).map_err(|e| Error::BadReply(e.to_string()))?;
+        let payload = bytes::Bytes::from(payload);
+        let attempts = self.options.retries + 1;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.attempt(&subject, payload.clone(), attempt).await {
+                Attempt::Done(result) => return result,
+                Attempt::Retry(error) => error,
+            };
+            if attempt >= attempts {
+                return Err(error);
+            }
+            tokio::time::sleep(self.backoff(attempt)).await;
+        }
+    }
+
+    async fn attempt(&self, subject: &str, payload: bytes::Bytes, attempt: u32) -> Attempt {
+        let encoding = self.options.encoding;
+        let mut request_headers = HeaderMap::new();
+        request_headers.insert(headers::CONTENT_TYPE, encoding.media_type());
+        let request = async_nats::Request::new()
+            .payload(payload)
+            .headers(request_headers)
+            .timeout(Some(self.options.timeout));
+        let message = match self.nats.send_request(subject.to_string(), request).await {
+            Ok(message) => message,
+            Err(err) => {
+                return match err.kind() {
+                    RequestErrorKind::NoResponders => Attempt::Retry(Error::NoResponders {
+                        subject: subject.to_string(),
+                        attempts: attempt,
+                    }),
+                    RequestErrorKind::TimedOut => Attempt::Retry(Error::TimedOut {
+                        subject: subject.to_string(),
+                        timeout: self.options.timeout,
+                        attempts: attempt,
+                    }),
+                    _ => Attempt::Done(Err(Error::Transport(err.to_string()))),
+                }
+            }
+        };
+        let reply_encoding = Encoding::detect(
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::CONTENT_TYPE))
+                .map(|v| v.as_str()),
+            &message.payload,
+        );
+        let error_code = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::SERVICE_ERROR_CODE))
+            .map(|v| v.to_string());
+        if let Some(code) = error_code {
+            let body = decode::<ErrorBody>(reply_encoding, &message.payload).unwrap_or_else(|_| {
+                // A service that is not ours (or a proxy) may send only the headers.
+                let text = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(headers::SERVICE_ERROR))
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                let mut body = ErrorBody::new(ErrorCode::Internal, text);
+                body.code = code.trim().parse().unwrap_or(500);
+                body
+            });
+            return if body.kind.is_retryable() {
+                Attempt::Retry(Error::Service(body))
+            } else {
+                Attempt::Done(Err(Error::Service(body)))
+            };
+        }
+        Attempt::Done(
+            decode::<InferReply>(reply_encoding, &message.payload)
+                .map_err(|e| Error::BadReply(e.to_string())),
+        )
+    }
+
+    /// Full-jitter exponential backoff: uniform in [0, min(2 s, base * 2^(attempt-1))].
+    fn backoff(&self, attempt: u32) -> Duration {
+        let cap = Duration::from_secs(2);
+        let ceiling = self
+            .options
+            .backoff
+            .saturating_mul(1u32 << (attempt - 1).min(16))
+            .min(cap);
+        ceiling.mul_f64(fastrand::f64())
+    }
+}

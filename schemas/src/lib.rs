@@ -1,0 +1,34 @@
+//! Wire types shared by the processor, the producer and any other NATS client.
+//!
+//! Everything here is plain data plus pure functions (codec, subject names): no I/O, so that
+//! every side of the bus agrees on one definition. `PROTOCOL.md` documents the same contract
+//! for clients written in other languages.
+
+mod codec;
+mod error;
+mod task;
+mod types;
+
+pub use codec::{decode, encode, CodecError, Encoding};
+pub use error::{ErrorBody, ErrorCode};
+pub use task::{subject, Task, UnknownTask, DEFAULT_SUBJECT_PREFIX};
+pub use types::{FillMaskOutput, InferOptions, InferReply, InferRequest, MaskPrediction, Output};
+
+/// Header names used on requests and replies.
+pub mod headers {
+    /// `application/json` or `application/cbor`; on requests it picks the decoder, on replies
+    /// it says which encoding was used (always the request's).
+    pub const CONTENT_TYPE: &str = "Content-Type";
+    /// Set on error replies: a short human-readable description (NATS micro convention).
+    pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+    /// Set on error replies: the numeric error code (NATS micro convention).
+    pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+}
+
+/// Media types for [`headers::CONTENT_TYPE`].
+pub mod media_types {
+    /// JSON payloads.
+    pub const JSON: &str = "application/json";
+    /// CBOR payloads (the default when no content type is given).
+    pub const CBOR: &str = "application/cbor";
+}
