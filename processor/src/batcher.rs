@@ -50,6 +50,8 @@ pub struct BatcherStats {
     pub inputs: AtomicU64,
     /// Requests refused because the queue was full.
     pub rejected: AtomicU64,
+    /// Inputs waiting for a batch right now.
+    pub queued: AtomicU64,
 }
 
 impl BatcherStats {
@@ -330,6 +332,7 @@ impl Queue {
                 // Every worker is gone: nothing queued can be computed any more.
                 self.fail_all("every model worker has stopped");
             }
+            self.stats.queued.store(self.queued_inputs as u64, Ordering::Relaxed);
             if !accepting && self.queued_inputs == 0 {
                 break;
             }
@@ -487,5 +490,246 @@ fn work<M: BatchModel>(mut model: M, ready: mpsc::Sender<oneshot::Sender<Batch>>
         for ((job, index), result) in batch.items.iter().zip(results) {
             job.complete(*index, result, size);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc as std_mpsc;
+
+    /// Echoes, records each batch's size, fails inputs that say "fail" and panics on "panic".
+    struct Recorder {
+        sizes: Arc<Mutex<Vec<usize>>>,
+        /// When set, each batch reports that it started and waits for one permit.
+        gate: Option<(std_mpsc::Sender<usize>, Arc<Mutex<std_mpsc::Receiver<()>>>)>,
+    }
+
+    impl BatchModel for Recorder {
+        fn name(&self) -> &str {
+            "recorder"
+        }
+        fn supports(&self, task: Task) -> bool {
+            task == Task::Embed
+        }
+        fn run(&mut self, _task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
+            self.sizes.lock().unwrap().push(inputs.len());
+            if let Some((started, permits)) = &self.gate {
+                started.send(inputs.len()).unwrap();
+                permits.lock().unwrap().recv().unwrap();
+            }
+            if inputs.iter().any(|i| i.text == "panic") {
+                panic!("asked to panic");
+            }
+            inputs
+                .iter()
+                .map(|input| match input.text {
+                    "fail" => Err(InputError::new(ErrorCode::ModelFailed, "cannot compute `fail`")),
+                    text => Ok(Output::Text { text: text.to_string() }),
+                })
+                .collect()
+        }
+    }
+
+    fn policy(max_size: usize, max_latency_ms: u64, queue_capacity: usize) -> BatchPolicy {
+        BatchPolicy {
+            max_size,
+            max_latency: Duration::from_millis(max_latency_ms),
+            queue_capacity,
+        }
+    }
+
+    async fn recorder(policy: BatchPolicy) -> (Batcher, Arc<Mutex<Vec<usize>>>) {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let record = sizes.clone();
+        let (batcher, _workers) = Batcher::start(policy, 1, move |_| {
+            Ok(Recorder { sizes: record.clone(), gate: None })
+        })
+        .await
+        .unwrap();
+        (batcher, sizes)
+    }
+
+    /// A batcher whose batches block until the test releases them.
+    struct Gated {
+        batcher: Batcher,
+        started: std_mpsc::Receiver<usize>,
+        permits: std_mpsc::Sender<()>,
+    }
+
+    impl Gated {
+        async fn start(policy: BatchPolicy, workers: usize) -> Gated {
+            let (started_tx, started) = std_mpsc::channel();
+            let (permits, permits_rx) = std_mpsc::channel();
+            let permits_rx = Arc::new(Mutex::new(permits_rx));
+            let (batcher, _workers) = Batcher::start(policy, workers, move |_| {
+                Ok(Recorder {
+                    sizes: Arc::default(),
+                    gate: Some((started_tx.clone(), permits_rx.clone())),
+                })
+            })
+            .await
+            .unwrap();
+            Gated { batcher, started, permits }
+        }
+
+        /// Waits (in real time, off the runtime) until a batch has started; returns its size.
+        async fn next_started(&self) -> usize {
+            tokio::task::block_in_place(|| {
+                self.started.recv_timeout(Duration::from_secs(10)).expect("a batch started")
+            })
+        }
+    }
+
+    fn texts(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn text(output: &Output) -> &str {
+        match output {
+            Output::Text { text } => text,
+            other => panic!("unexpected output {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_closes_as_soon_as_it_reaches_max_size() {
+        let (batcher, sizes) = recorder(policy(4, 3_600_000, 100)).await;
+        let started = Instant::now();
+        let one = |s: &str| batcher.infer(Task::Embed, texts(&[s]), InferOptions::default());
+        let (a, b, c, d) = tokio::join!(one("a"), one("b"), one("c"), one("d"));
+        for (result, expected) in [(a, "a"), (b, "b"), (c, "c"), (d, "d")] {
+            let completed = result.unwrap();
+            assert_eq!(text(&completed.outputs[0]), expected);
+            assert_eq!(completed.batch_size, 4);
+        }
+        assert_eq!(*sizes.lock().unwrap(), vec![4]);
+        // The latency bound (an hour) never fired: the batch left on size alone.
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_batch_leaves_max_latency_after_its_first_input() {
+        let (batcher, sizes) = recorder(policy(100, 50, 1000)).await;
+        let started = Instant::now();
+        let first = batcher.infer(Task::Embed, texts(&["a"]), InferOptions::default());
+        let later = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            batcher.infer(Task::Embed, texts(&["b", "c"]), InferOptions::default()).await
+        };
+        let (first, later) = tokio::join!(first, later);
+        assert_eq!(first.unwrap().batch_size, 3);
+        assert_eq!(later.unwrap().outputs.len(), 2);
+        assert_eq!(*sizes.lock().unwrap(), vec![3]);
+        // Closed 50 ms after the first input, not after the second one.
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_multi_input_request_counts_each_input_and_keeps_its_order() {
+        let (batcher, sizes) = recorder(policy(4, 10, 1000)).await;
+        let inputs: Vec<String> = (0..10).map(|i| format!("in{i}")).collect();
+        let small = batcher.infer(Task::Embed, texts(&["x", "y"]), InferOptions::default());
+        let big = batcher.infer(Task::Embed, inputs.clone(), InferOptions::default());
+        let (small, big) = tokio::join!(small, big);
+        let big = big.unwrap();
+        let got: Vec<&str> = big.outputs.iter().map(text).collect();
+        assert_eq!(got, inputs.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(big.batch_size, 4);
+        assert_eq!(small.unwrap().batch_size, 4);
+        // 12 inputs in batches of at most 4, the first one shared by both requests.
+        assert_eq!(*sizes.lock().unwrap(), vec![4, 4, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_failing_input_fails_only_its_own_request() {
+        let (batcher, sizes) = recorder(policy(8, 10, 100)).await;
+        let run = |items: &'static [&'static str]| {
+            batcher.infer(Task::Embed, texts(items), InferOptions::default())
+        };
+        let (a, b, c) = tokio::join!(run(&["ok1"]), run(&["x", "fail", "y"]), run(&["ok2"]));
+        assert_eq!(text(&a.unwrap().outputs[0]), "ok1");
+        assert_eq!(text(&c.unwrap().outputs[0]), "ok2");
+        let error = b.unwrap_err();
+        assert_eq!(error.kind, ErrorCode::ModelFailed);
+        assert_eq!(error.code, 500);
+        assert!(error.message.starts_with("input 1:"), "{}", error.message);
+        assert_eq!(*sizes.lock().unwrap(), vec![5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_model_fails_its_batch_and_keeps_serving() {
+        let (batcher, _) = recorder(policy(1, 1, 100)).await;
+        let error = batcher
+            .infer(Task::Embed, texts(&["panic"]), InferOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, ErrorCode::ModelFailed);
+        let after = batcher.infer(Task::Embed, texts(&["fine"]), InferOptions::default()).await;
+        assert_eq!(text(&after.unwrap().outputs[0]), "fine");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unsupported_tasks_are_refused_before_queueing() {
+        let (batcher, sizes) = recorder(policy(4, 1, 100)).await;
+        let error = batcher
+            .infer(Task::FillMask, texts(&["a"]), InferOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, ErrorCode::UnsupportedTask);
+        assert!(sizes.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_new_requests_as_overloaded() {
+        let gated = Gated::start(policy(2, 0, 4), 1).await;
+        let batcher = gated.batcher.clone();
+        let spawn = |items: &'static [&'static str]| {
+            let batcher = batcher.clone();
+            tokio::spawn(async move {
+                batcher.infer(Task::Embed, texts(items), InferOptions::default()).await
+            })
+        };
+        let first = spawn(&["a", "b"]);
+        assert_eq!(gated.next_started().await, 2); // the worker is now busy
+        let queued = [spawn(&["c", "d"]), spawn(&["e", "f"])];
+        // The queue holds 4 inputs; wait until both requests are in it.
+        while gated.batcher.stats().queued.load(Ordering::Relaxed) < 4 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let refused = gated
+            .batcher
+            .infer(Task::Embed, texts(&["g"]), InferOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind, ErrorCode::Overloaded);
+        assert_eq!(refused.code, 503);
+        assert_eq!(gated.batcher.stats().rejected.load(Ordering::Relaxed), 1);
+        for _ in 0..3 {
+            gated.permits.send(()).unwrap();
+        }
+        assert!(first.await.unwrap().is_ok());
+        for request in queued {
+            assert!(request.await.unwrap().is_ok());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_workers_take_batches_from_one_queue() {
+        let gated = Gated::start(policy(1, 0, 100), 2).await;
+        let spawn = |item: &'static str| {
+            let batcher = gated.batcher.clone();
+            tokio::spawn(async move {
+                batcher.infer(Task::Embed, texts(&[item]), InferOptions::default()).await
+            })
+        };
+        let (a, b) = (spawn("a"), spawn("b"));
+        // Both batches are computing at once, so they went to different workers.
+        assert_eq!(gated.next_started().await, 1);
+        assert_eq!(gated.next_started().await, 1);
+        gated.permits.send(()).unwrap();
+        gated.permits.send(()).unwrap();
+        assert!(a.await.unwrap().is_ok() && b.await.unwrap().is_ok());
+        assert_eq!(gated.batcher.stats().batches.load(Ordering::Relaxed), 2);
     }
 }

@@ -9,4 +9,4 @@ pub mod model;
 mod service;
 
 pub use config::Config;
-pub use service::{run, Processor};
+pub use service::{run, Processor, ProcessorHandle};

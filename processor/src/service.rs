@@ -103,6 +103,7 @@ impl Processor {
                         "inputs": batcher_stats.inputs.load(Ordering::Relaxed),
                         "mean_batch_size": batcher_stats.mean_batch_size(),
                         "rejected_overloaded": batcher_stats.rejected.load(Ordering::Relaxed),
+                        "queued_inputs": batcher_stats.queued.load(Ordering::Relaxed),
                     })
                 })
                 .start(&config.service.name, env!("CARGO_PKG_VERSION"))
@@ -157,6 +158,15 @@ impl Processor {
         })
     }
 
+    /// Serves in a background task until [`ProcessorHandle::shutdown`] is called.
+    pub fn spawn(self) -> ProcessorHandle {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(self.run_until(async {
+            let _ = stopped.await;
+        }));
+        ProcessorHandle { stop, task }
+    }
+
     /// Serves until `shutdown` completes; then unsubscribes, answers everything already
     /// received, stops the model workers and returns.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -190,6 +200,20 @@ impl Processor {
             .context("joining model workers")?;
         tracing::info!("processor stopped");
         Ok(())
+    }
+}
+
+/// A processor serving in the background (see [`Processor::spawn`]).
+pub struct ProcessorHandle {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ProcessorHandle {
+    /// Stops taking requests, answers the ones held, and waits until the processor is done.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.context("the processor task panicked")?
     }
 }
 

@@ -1,0 +1,265 @@
+//! End-to-end tests through a real nats-server: processors in this process, requests from the
+//! producer library and from a plain NATS client that knows only PROTOCOL.md.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use processor::config::{Config, ModelKind};
+use processor::{Processor, ProcessorHandle};
+use producer::{Client, ClientOptions};
+use schemas::{decode, headers, Encoding, ErrorBody, ErrorCode, InferRequest, Output, Task};
+use testkit::NatsServer;
+
+async fn start_processor(url: &str, tweak: impl FnOnce(&mut Config)) -> ProcessorHandle {
+    let mut config = Config::default();
+    config.nats.url = url.to_string();
+    config.model.kind = ModelKind::Echo;
+    tweak(&mut config);
+    Processor::start(config).await.expect("processor starts").spawn()
+}
+
+/// Every `$SRV.STATS` answer for the service within half a second (one per processor).
+async fn service_stats(nats: &async_nats::Client, service: &str) -> Vec<serde_json::Value> {
+    let inbox = nats.new_inbox();
+    let mut replies = nats.subscribe(inbox.clone()).await.unwrap();
+    nats.publish_with_reply(format!("$SRV.STATS.{service}"), inbox, "".into())
+        .await
+        .unwrap();
+    let mut stats = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(500), replies.next()).await
+    {
+        stats.push(serde_json::from_slice(&message.payload).unwrap());
+    }
+    stats
+}
+
+fn endpoint_requests(stats: &serde_json::Value, name: &str) -> u64 {
+    stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no endpoint {name} in {stats}"))["num_requests"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processors_answer_2000_concurrent_requests_each_with_its_own_reply() {
+    let server = NatsServer::start();
+    let first = start_processor(&server.url(), |_| {}).await;
+    let second = start_processor(&server.url(), |_| {}).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+
+    let requests = (0..2000).map(|i| {
+        let client = client.clone();
+        async move {
+            // Every tenth request carries two inputs, and tasks alternate.
+            let inputs: Vec<String> = if i % 10 == 0 {
+                vec![format!("req {i} a"), format!("req {i} b")]
+            } else {
+                vec![format!("req {i}")]
+            };
+            let task = if i % 2 == 0 { Task::Embed } else { Task::FillMask };
+            let reply = client.request(task, &InferRequest::new(inputs.clone())).await;
+            (inputs, reply)
+        }
+    });
+    let results = futures::future::join_all(requests).await;
+
+    let mut largest_batch = 0;
+    for (inputs, reply) in results {
+        let reply = reply.unwrap_or_else(|e| panic!("request {inputs:?} failed: {e}"));
+        let echoed: Vec<String> = reply
+            .outputs
+            .iter()
+            .map(|o| match o {
+                Output::Text { text } => text.clone(),
+                other => panic!("unexpected output {other:?}"),
+            })
+            .collect();
+        assert_eq!(echoed, inputs);
+        assert_eq!(reply.model, "echo");
+        largest_batch = largest_batch.max(reply.batch_size);
+    }
+    assert!(largest_batch > 1, "no request was batched with another");
+
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let stats = service_stats(&nats, "bert-processor").await;
+    assert_eq!(stats.len(), 2, "both processors answer $SRV.STATS: {stats:?}");
+    let mut total = 0;
+    for instance in &stats {
+        let served = endpoint_requests(instance, "embed") + endpoint_requests(instance, "fill_mask");
+        assert!(served > 0, "a processor answered nothing: {instance}");
+        // The catch-all endpoint saw every request too but answered none of them.
+        assert_eq!(endpoint_requests(instance, "unknown_task"), 0);
+        assert!(instance["endpoints"][0]["data"]["mean_batch_size"].as_f64().unwrap() >= 1.0);
+        total += served;
+    }
+    assert_eq!(total, 2000, "each request answered exactly once");
+
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+}
+
+/// A request from a bare NATS client: subject, payload bytes, optional headers.
+async fn raw_request(
+    nats: &async_nats::Client,
+    subject: &str,
+    payload: &'static [u8],
+    content_type: Option<&str>,
+) -> async_nats::Message {
+    let mut request_headers = HeaderMap::new();
+    if let Some(content_type) = content_type {
+        request_headers.insert(headers::CONTENT_TYPE, content_type);
+    }
+    let request = async_nats::Request::new()
+        .payload(payload.into())
+        .headers(request_headers)
+        .timeout(Some(Duration::from_secs(5)));
+    nats.send_request(subject.to_string(), request).await.unwrap()
+}
+
+fn header<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    message.headers.as_ref()?.get(name).map(|v| v.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_an_error_reply_and_the_next_request_is_answered() {
+    let server = NatsServer::start();
+    let processor = start_processor(&server.url(), |c| {
+        c.service.max_inputs = 3;
+        c.service.max_input_bytes = 16;
+    })
+    .await;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+
+    let cases: [(&str, &[u8], Option<&str>, ErrorCode, u16, Encoding); 8] = [
+        ("bert.embed", b"\x00\xffnot cbor", None, ErrorCode::MalformedRequest, 400, Encoding::Cbor),
+        ("bert.embed", b"{\"inputs\": [\"unterminated", None, ErrorCode::MalformedRequest, 400, Encoding::Json),
+        ("bert.embed", b"{\"inputs\": 5}", None, ErrorCode::MalformedRequest, 400, Encoding::Json),
+        ("bert.embed", b"{\"inputs\": [1, 2]}", Some("application/json"), ErrorCode::MalformedRequest, 400, Encoding::Json),
+        ("bert.fill_mask", b"{\"inputs\": []}", None, ErrorCode::InvalidInput, 400, Encoding::Json),
+        ("bert.embed", b"{\"inputs\": [\"ok\", \"\"]}", None, ErrorCode::InvalidInput, 400, Encoding::Json),
+        ("bert.embed", b"{\"inputs\": [\"a\", \"b\", \"c\", \"d\"]}", None, ErrorCode::TooLarge, 413, Encoding::Json),
+        ("bert.translate", b"{\"inputs\": [\"hello\"]}", None, ErrorCode::UnknownTask, 404, Encoding::Json),
+    ];
+    for (subject, payload, content_type, kind, code, encoding) in cases {
+        let what = format!("{subject} {:?}", String::from_utf8_lossy(payload));
+        let reply = raw_request(&nats, subject, payload, content_type).await;
+        assert_eq!(header(&reply, headers::SERVICE_ERROR_CODE), Some(code.to_string().as_str()), "{what}");
+        let description = header(&reply, headers::SERVICE_ERROR).unwrap_or_default();
+        assert!(!description.is_empty(), "{what}: no Nats-Service-Error");
+        let body: ErrorBody = decode(encoding, &reply.payload)
+            .unwrap_or_else(|e| panic!("{what}: error body does not decode: {e}"));
+        assert_eq!((body.kind, body.code), (kind, code), "{what}: {}", body.message);
+        assert_eq!(body.message, description, "{what}");
+
+        // The processor is still serving, in the same encoding.
+        let ok = raw_request(&nats, "bert.embed", b"{\"inputs\": [\"still here\"]}", None).await;
+        assert!(header(&ok, headers::SERVICE_ERROR_CODE).is_none(), "{what}: next request failed");
+        let json: serde_json::Value = serde_json::from_slice(&ok.payload).unwrap();
+        assert_eq!(json["outputs"][0]["text"], "still here");
+    }
+    processor.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_nats_client_can_use_the_json_protocol() {
+    let server = NatsServer::start();
+    let processor = start_processor(&server.url(), |_| {}).await;
+    // Nothing from our crates on this side: subject, JSON text, and the reply as JSON.
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let reply = nats
+        .request(
+            "bert.fill_mask",
+            r#"{"inputs": ["twinkle twinkle [MASK] star.", "hello"], "options": {"top_k": 3}}"#.into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(header(&reply, "Content-Type"), Some("application/json"));
+    let json: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(json["model"], "echo");
+    assert_eq!(json["outputs"][0]["text"], "twinkle twinkle [MASK] star.");
+    assert_eq!(json["outputs"][1]["text"], "hello");
+    assert!(json["batch_size"].as_u64().unwrap() >= 2);
+    processor.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_is_discoverable_with_one_endpoint_per_task() {
+    let server = NatsServer::start();
+    let processor = start_processor(&server.url(), |c| {
+        c.service.subject_prefix = "nlp.v1".into();
+        c.service.queue_group = "gpu-pool".into();
+    })
+    .await;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let ping = nats.request("$SRV.PING.bert-processor", "".into()).await.unwrap();
+    let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping["name"], "bert-processor");
+
+    let info = nats.request("$SRV.INFO.bert-processor", "".into()).await.unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info["metadata"]["model"], "echo");
+    let endpoints: HashSet<(String, String)> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["subject"].as_str().unwrap().to_string(),
+                e["queue_group"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for task in ["embed", "fill_mask"] {
+        assert!(
+            endpoints.contains(&(format!("nlp.v1.{task}"), "gpu-pool".to_string())),
+            "{endpoints:?}"
+        );
+    }
+    let client = Client::connect_with(
+        &server.url(),
+        ClientOptions {
+            prefix: "nlp.v1".into(),
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let reply = client.request(Task::Embed, &InferRequest::new(["x"])).await.unwrap();
+    assert_eq!(reply.outputs, vec![Output::Text { text: "x".into() }]);
+    processor.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_every_request_already_taken() {
+    let server = NatsServer::start();
+    let processor = start_processor(&server.url(), |c| {
+        c.model.kind = ModelKind::Sim;
+        c.model.batch_ms = 150.0;
+        c.model.item_ms = 0.0;
+        c.batch.max_size = 4;
+    })
+    .await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    let requests: Vec<_> = (0..12)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client.request(Task::Embed, &InferRequest::new([format!("{i}")])).await
+            })
+        })
+        .collect();
+    // Let the requests reach the processor (the first batch is computing), then stop it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    processor.shutdown().await.unwrap();
+    for request in requests {
+        let reply = request.await.unwrap().expect("answered before the processor exited");
+        assert_eq!(reply.model, "sim");
+    }
+}
