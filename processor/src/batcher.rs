@@ -117,7 +117,10 @@ impl Batcher {
                 .name(format!("model-worker-{index}"))
                 .spawn(move || match load(index) {
                     Ok(model) => {
-                        let info = (model.name().to_string(), Task::ALL.map(|t| model.supports(t)));
+                        let info = (
+                            model.name().to_string(),
+                            Task::ALL.map(|t| model.supports(t)),
+                        );
                         let _ = loaded_tx.send(Ok(info));
                         work(model, ready_tx);
                     }
@@ -332,7 +335,9 @@ impl Queue {
                 // Every worker is gone: nothing queued can be computed any more.
                 self.fail_all("every model worker has stopped");
             }
-            self.stats.queued.store(self.queued_inputs as u64, Ordering::Relaxed);
+            self.stats
+                .queued
+                .store(self.queued_inputs as u64, Ordering::Relaxed);
             if !accepting && self.queued_inputs == 0 {
                 break;
             }
@@ -498,11 +503,14 @@ mod tests {
     use super::*;
     use std::sync::mpsc as std_mpsc;
 
+    /// Where a gated batch reports its size, and where it waits for a permit.
+    type Gate = (std_mpsc::Sender<usize>, Arc<Mutex<std_mpsc::Receiver<()>>>);
+
     /// Echoes, records each batch's size, fails inputs that say "fail" and panics on "panic".
     struct Recorder {
         sizes: Arc<Mutex<Vec<usize>>>,
         /// When set, each batch reports that it started and waits for one permit.
-        gate: Option<(std_mpsc::Sender<usize>, Arc<Mutex<std_mpsc::Receiver<()>>>)>,
+        gate: Option<Gate>,
     }
 
     impl BatchModel for Recorder {
@@ -512,7 +520,11 @@ mod tests {
         fn supports(&self, task: Task) -> bool {
             task == Task::Embed
         }
-        fn run(&mut self, _task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
+        fn run(
+            &mut self,
+            _task: Task,
+            inputs: &[ModelInput<'_>],
+        ) -> Vec<Result<Output, InputError>> {
             self.sizes.lock().unwrap().push(inputs.len());
             if let Some((started, permits)) = &self.gate {
                 started.send(inputs.len()).unwrap();
@@ -524,8 +536,13 @@ mod tests {
             inputs
                 .iter()
                 .map(|input| match input.text {
-                    "fail" => Err(InputError::new(ErrorCode::ModelFailed, "cannot compute `fail`")),
-                    text => Ok(Output::Text { text: text.to_string() }),
+                    "fail" => Err(InputError::new(
+                        ErrorCode::ModelFailed,
+                        "cannot compute `fail`",
+                    )),
+                    text => Ok(Output::Text {
+                        text: text.to_string(),
+                    }),
                 })
                 .collect()
         }
@@ -543,7 +560,10 @@ mod tests {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let record = sizes.clone();
         let (batcher, _workers) = Batcher::start(policy, 1, move |_| {
-            Ok(Recorder { sizes: record.clone(), gate: None })
+            Ok(Recorder {
+                sizes: record.clone(),
+                gate: None,
+            })
         })
         .await
         .unwrap();
@@ -570,13 +590,19 @@ mod tests {
             })
             .await
             .unwrap();
-            Gated { batcher, started, permits }
+            Gated {
+                batcher,
+                started,
+                permits,
+            }
         }
 
         /// Waits (in real time, off the runtime) until a batch has started; returns its size.
         async fn next_started(&self) -> usize {
             tokio::task::block_in_place(|| {
-                self.started.recv_timeout(Duration::from_secs(10)).expect("a batch started")
+                self.started
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("a batch started")
             })
         }
     }
@@ -615,7 +641,9 @@ mod tests {
         let first = batcher.infer(Task::Embed, texts(&["a"]), InferOptions::default());
         let later = async {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            batcher.infer(Task::Embed, texts(&["b", "c"]), InferOptions::default()).await
+            batcher
+                .infer(Task::Embed, texts(&["b", "c"]), InferOptions::default())
+                .await
         };
         let (first, later) = tokio::join!(first, later);
         assert_eq!(first.unwrap().batch_size, 3);
@@ -665,7 +693,9 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(error.kind, ErrorCode::ModelFailed);
-        let after = batcher.infer(Task::Embed, texts(&["fine"]), InferOptions::default()).await;
+        let after = batcher
+            .infer(Task::Embed, texts(&["fine"]), InferOptions::default())
+            .await;
         assert_eq!(text(&after.unwrap().outputs[0]), "fine");
     }
 
@@ -687,7 +717,9 @@ mod tests {
         let spawn = |items: &'static [&'static str]| {
             let batcher = batcher.clone();
             tokio::spawn(async move {
-                batcher.infer(Task::Embed, texts(items), InferOptions::default()).await
+                batcher
+                    .infer(Task::Embed, texts(items), InferOptions::default())
+                    .await
             })
         };
         let first = spawn(&["a", "b"]);
@@ -720,7 +752,9 @@ mod tests {
         let spawn = |item: &'static str| {
             let batcher = gated.batcher.clone();
             tokio::spawn(async move {
-                batcher.infer(Task::Embed, texts(&[item]), InferOptions::default()).await
+                batcher
+                    .infer(Task::Embed, texts(&[item]), InferOptions::default())
+                    .await
             })
         };
         let (a, b) = (spawn("a"), spawn("b"));

@@ -178,9 +178,7 @@ impl Config {
             }
             None => {}
         }
-        let env = Env::prefixed(ENV_PREFIX)
-            .split("__")
-            .ignore(&["config"]);
+        let env = Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]);
         Ok(figment.merge(env))
     }
 
@@ -233,9 +231,15 @@ impl Config {
         if self.service.max_input_bytes == 0 {
             return Err(invalid("service.max_input_bytes", "must be at least 1"));
         }
-        for (key, ms) in [("model.batch_ms", self.model.batch_ms), ("model.item_ms", self.model.item_ms)] {
+        for (key, ms) in [
+            ("model.batch_ms", self.model.batch_ms),
+            ("model.item_ms", self.model.item_ms),
+        ] {
             if !(ms.is_finite() && (0.0..=3_600_000.0).contains(&ms)) {
-                return Err(invalid(key, format!("{ms} is not a duration in milliseconds")));
+                return Err(invalid(
+                    key,
+                    format!("{ms} is not a duration in milliseconds"),
+                ));
             }
         }
         if self.batch.max_size == 0 {
@@ -274,6 +278,8 @@ fn is_subject_prefix(prefix: &str) -> bool {
 }
 
 #[cfg(test)]
+// figment's `Jail` closures return its large error type; that is its API, not ours.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -326,7 +332,10 @@ mod tests {
             jail.set_env("PROCESSOR_BATCH__MAX_SIZE", "many");
             let err = Config::from_figment(&Config::figment(None).unwrap()).unwrap_err();
             let text = err.to_string().to_lowercase();
-            assert!(text.contains("batch.max_size") && text.contains("many"), "{err}");
+            assert!(
+                text.contains("batch.max_size") && text.contains("many"),
+                "{err}"
+            );
             Ok(())
         });
         Jail::expect_with(|jail| {

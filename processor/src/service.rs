@@ -88,7 +88,10 @@ impl Processor {
             let reply_stats = reply_stats.clone();
             let metadata = HashMap::from([
                 ("model".to_string(), batcher.model_name().to_string()),
-                ("subject_prefix".to_string(), config.service.subject_prefix.clone()),
+                (
+                    "subject_prefix".to_string(),
+                    config.service.subject_prefix.clone(),
+                ),
             ]);
             client
                 .service_builder()

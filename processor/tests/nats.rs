@@ -17,7 +17,10 @@ async fn start_processor(url: &str, tweak: impl FnOnce(&mut Config)) -> Processo
     config.nats.url = url.to_string();
     config.model.kind = ModelKind::Echo;
     tweak(&mut config);
-    Processor::start(config).await.expect("processor starts").spawn()
+    Processor::start(config)
+        .await
+        .expect("processor starts")
+        .spawn()
 }
 
 /// Every `$SRV.STATS` answer for the service within half a second (one per processor).
@@ -63,8 +66,14 @@ async fn two_processors_answer_2000_concurrent_requests_each_with_its_own_reply(
             } else {
                 vec![format!("req {i}")]
             };
-            let task = if i % 2 == 0 { Task::Embed } else { Task::FillMask };
-            let reply = client.request(task, &InferRequest::new(inputs.clone())).await;
+            let task = if i % 2 == 0 {
+                Task::Embed
+            } else {
+                Task::FillMask
+            };
+            let reply = client
+                .request(task, &InferRequest::new(inputs.clone()))
+                .await;
             (inputs, reply)
         }
     });
@@ -89,14 +98,24 @@ async fn two_processors_answer_2000_concurrent_requests_each_with_its_own_reply(
 
     let nats = async_nats::connect(server.url()).await.unwrap();
     let stats = service_stats(&nats, "bert-processor").await;
-    assert_eq!(stats.len(), 2, "both processors answer $SRV.STATS: {stats:?}");
+    assert_eq!(
+        stats.len(),
+        2,
+        "both processors answer $SRV.STATS: {stats:?}"
+    );
     let mut total = 0;
     for instance in &stats {
-        let served = endpoint_requests(instance, "embed") + endpoint_requests(instance, "fill_mask");
+        let served =
+            endpoint_requests(instance, "embed") + endpoint_requests(instance, "fill_mask");
         assert!(served > 0, "a processor answered nothing: {instance}");
         // The catch-all endpoint saw every request too but answered none of them.
         assert_eq!(endpoint_requests(instance, "unknown_task"), 0);
-        assert!(instance["endpoints"][0]["data"]["mean_batch_size"].as_f64().unwrap() >= 1.0);
+        assert!(
+            instance["endpoints"][0]["data"]["mean_batch_size"]
+                .as_f64()
+                .unwrap()
+                >= 1.0
+        );
         total += served;
     }
     assert_eq!(total, 2000, "each request answered exactly once");
@@ -120,7 +139,9 @@ async fn raw_request(
         .payload(payload.into())
         .headers(request_headers)
         .timeout(Some(Duration::from_secs(5)));
-    nats.send_request(subject.to_string(), request).await.unwrap()
+    nats.send_request(subject.to_string(), request)
+        .await
+        .unwrap()
 }
 
 fn header<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {
@@ -137,30 +158,52 @@ async fn bad_input_gets_an_error_reply_and_the_next_request_is_answered() {
     .await;
     let nats = async_nats::connect(server.url()).await.unwrap();
 
-    let cases: [(&str, &[u8], Option<&str>, ErrorCode, u16, Encoding); 8] = [
+    // (subject, payload, Content-Type header, expected kind, expected code, reply encoding)
+    type Case = (
+        &'static str,
+        &'static [u8],
+        Option<&'static str>,
+        ErrorCode,
+        u16,
+        Encoding,
+    );
+    #[rustfmt::skip]
+    let cases: [Case; 8] = [
         ("bert.embed", b"\x00\xffnot cbor", None, ErrorCode::MalformedRequest, 400, Encoding::Cbor),
-        ("bert.embed", b"{\"inputs\": [\"unterminated", None, ErrorCode::MalformedRequest, 400, Encoding::Json),
-        ("bert.embed", b"{\"inputs\": 5}", None, ErrorCode::MalformedRequest, 400, Encoding::Json),
-        ("bert.embed", b"{\"inputs\": [1, 2]}", Some("application/json"), ErrorCode::MalformedRequest, 400, Encoding::Json),
-        ("bert.fill_mask", b"{\"inputs\": []}", None, ErrorCode::InvalidInput, 400, Encoding::Json),
-        ("bert.embed", b"{\"inputs\": [\"ok\", \"\"]}", None, ErrorCode::InvalidInput, 400, Encoding::Json),
-        ("bert.embed", b"{\"inputs\": [\"a\", \"b\", \"c\", \"d\"]}", None, ErrorCode::TooLarge, 413, Encoding::Json),
-        ("bert.translate", b"{\"inputs\": [\"hello\"]}", None, ErrorCode::UnknownTask, 404, Encoding::Json),
+        ("bert.embed", br#"{"inputs": ["unterminated"#, None, ErrorCode::MalformedRequest, 400, Encoding::Json),
+        ("bert.embed", br#"{"inputs": 5}"#, None, ErrorCode::MalformedRequest, 400, Encoding::Json),
+        ("bert.embed", br#"{"inputs": [1, 2]}"#, Some("application/json"), ErrorCode::MalformedRequest, 400, Encoding::Json),
+        ("bert.fill_mask", br#"{"inputs": []}"#, None, ErrorCode::InvalidInput, 400, Encoding::Json),
+        ("bert.embed", br#"{"inputs": ["ok", ""]}"#, None, ErrorCode::InvalidInput, 400, Encoding::Json),
+        ("bert.embed", br#"{"inputs": ["a", "b", "c", "d"]}"#, None, ErrorCode::TooLarge, 413, Encoding::Json),
+        ("bert.translate", br#"{"inputs": ["hello"]}"#, None, ErrorCode::UnknownTask, 404, Encoding::Json),
     ];
     for (subject, payload, content_type, kind, code, encoding) in cases {
         let what = format!("{subject} {:?}", String::from_utf8_lossy(payload));
         let reply = raw_request(&nats, subject, payload, content_type).await;
-        assert_eq!(header(&reply, headers::SERVICE_ERROR_CODE), Some(code.to_string().as_str()), "{what}");
+        assert_eq!(
+            header(&reply, headers::SERVICE_ERROR_CODE),
+            Some(code.to_string().as_str()),
+            "{what}"
+        );
         let description = header(&reply, headers::SERVICE_ERROR).unwrap_or_default();
         assert!(!description.is_empty(), "{what}: no Nats-Service-Error");
         let body: ErrorBody = decode(encoding, &reply.payload)
             .unwrap_or_else(|e| panic!("{what}: error body does not decode: {e}"));
-        assert_eq!((body.kind, body.code), (kind, code), "{what}: {}", body.message);
+        assert_eq!(
+            (body.kind, body.code),
+            (kind, code),
+            "{what}: {}",
+            body.message
+        );
         assert_eq!(body.message, description, "{what}");
 
         // The processor is still serving, in the same encoding.
         let ok = raw_request(&nats, "bert.embed", b"{\"inputs\": [\"still here\"]}", None).await;
-        assert!(header(&ok, headers::SERVICE_ERROR_CODE).is_none(), "{what}: next request failed");
+        assert!(
+            header(&ok, headers::SERVICE_ERROR_CODE).is_none(),
+            "{what}: next request failed"
+        );
         let json: serde_json::Value = serde_json::from_slice(&ok.payload).unwrap();
         assert_eq!(json["outputs"][0]["text"], "still here");
     }
@@ -176,7 +219,8 @@ async fn a_plain_nats_client_can_use_the_json_protocol() {
     let reply = nats
         .request(
             "bert.fill_mask",
-            r#"{"inputs": ["twinkle twinkle [MASK] star.", "hello"], "options": {"top_k": 3}}"#.into(),
+            r#"{"inputs": ["twinkle twinkle [MASK] star.", "hello"], "options": {"top_k": 3}}"#
+                .into(),
         )
         .await
         .unwrap();
@@ -198,11 +242,17 @@ async fn the_service_is_discoverable_with_one_endpoint_per_task() {
     })
     .await;
     let nats = async_nats::connect(server.url()).await.unwrap();
-    let ping = nats.request("$SRV.PING.bert-processor", "".into()).await.unwrap();
+    let ping = nats
+        .request("$SRV.PING.bert-processor", "".into())
+        .await
+        .unwrap();
     let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
     assert_eq!(ping["name"], "bert-processor");
 
-    let info = nats.request("$SRV.INFO.bert-processor", "".into()).await.unwrap();
+    let info = nats
+        .request("$SRV.INFO.bert-processor", "".into())
+        .await
+        .unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
     assert_eq!(info["metadata"]["model"], "echo");
     let endpoints: HashSet<(String, String)> = info["endpoints"]
@@ -231,7 +281,10 @@ async fn the_service_is_discoverable_with_one_endpoint_per_task() {
     )
     .await
     .unwrap();
-    let reply = client.request(Task::Embed, &InferRequest::new(["x"])).await.unwrap();
+    let reply = client
+        .request(Task::Embed, &InferRequest::new(["x"]))
+        .await
+        .unwrap();
     assert_eq!(reply.outputs, vec![Output::Text { text: "x".into() }]);
     processor.shutdown().await.unwrap();
 }
@@ -251,7 +304,9 @@ async fn shutdown_answers_every_request_already_taken() {
         .map(|i| {
             let client = client.clone();
             tokio::spawn(async move {
-                client.request(Task::Embed, &InferRequest::new([format!("{i}")])).await
+                client
+                    .request(Task::Embed, &InferRequest::new([format!("{i}")]))
+                    .await
             })
         })
         .collect();
@@ -259,7 +314,10 @@ async fn shutdown_answers_every_request_already_taken() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     processor.shutdown().await.unwrap();
     for request in requests {
-        let reply = request.await.unwrap().expect("answered before the processor exited");
+        let reply = request
+            .await
+            .unwrap()
+            .expect("answered before the processor exited");
         assert_eq!(reply.model, "sim");
     }
 }

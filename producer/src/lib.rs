@@ -134,13 +134,17 @@ impl Client {
 
     /// Sentence embeddings, one vector per input.
     pub async fn embed(&self, inputs: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
-        let reply = self.request(Task::Embed, &InferRequest::new(inputs.iter().copied())).await?;
+        let reply = self
+            .request(Task::Embed, &InferRequest::new(inputs.iter().copied()))
+            .await?;
         reply
             .outputs
             .into_iter()
             .map(|output| match output {
                 Output::Embedding { embedding } => Ok(embedding),
-                other => Err(Error::BadReply(format!("expected an embedding, got {other:?}"))),
+                other => Err(Error::BadReply(format!(
+                    "expected an embedding, got {other:?}"
+                ))),
             })
             .collect()
     }
@@ -155,7 +159,9 @@ impl Client {
             .into_iter()
             .map(|output| match output {
                 Output::FillMask(fill) => Ok(fill),
-                other => Err(Error::BadReply(format!("expected mask predictions, got {other:?}"))),
+                other => Err(Error::BadReply(format!(
+                    "expected mask predictions, got {other:?}"
+                ))),
             })
             .collect()
     }

@@ -101,9 +101,18 @@ mod tests {
 
     #[test]
     fn detects_encoding_from_header_then_bytes() {
-        assert_eq!(Encoding::detect(Some("application/json"), b"\xa1"), Encoding::Json);
-        assert_eq!(Encoding::detect(Some("Application/CBOR"), b"{}"), Encoding::Cbor);
-        assert_eq!(Encoding::detect(None, b"  \n{\"inputs\":[]}"), Encoding::Json);
+        assert_eq!(
+            Encoding::detect(Some("application/json"), b"\xa1"),
+            Encoding::Json
+        );
+        assert_eq!(
+            Encoding::detect(Some("Application/CBOR"), b"{}"),
+            Encoding::Cbor
+        );
+        assert_eq!(
+            Encoding::detect(None, b"  \n{\"inputs\":[]}"),
+            Encoding::Json
+        );
         assert_eq!(Encoding::detect(Some("text/plain"), b"{}"), Encoding::Json);
         assert_eq!(Encoding::detect(None, b"\xa1finputs\x80"), Encoding::Cbor);
         assert_eq!(Encoding::detect(None, b""), Encoding::Cbor);
@@ -146,7 +155,12 @@ mod tests {
                  "sequence": "twinkle star"}], "model": "m", "batch_size": 3}"#,
         )
         .unwrap();
-        assert_eq!(reply.outputs[0], Output::Embedding { embedding: vec![0.5, -1.0] });
+        assert_eq!(
+            reply.outputs[0],
+            Output::Embedding {
+                embedding: vec![0.5, -1.0]
+            }
+        );
         assert_eq!(reply.outputs[1], Output::Text { text: "hi".into() });
         match &reply.outputs[2] {
             Output::FillMask(fill) => assert_eq!(fill.masks[0][0].token, "star"),
@@ -158,7 +172,10 @@ mod tests {
     fn error_body_carries_its_code() {
         let body = ErrorBody::new(ErrorCode::UnknownTask, "no such task");
         let json = String::from_utf8(encode(Encoding::Json, &body).unwrap()).unwrap();
-        assert_eq!(json, r#"{"code":404,"kind":"unknown_task","message":"no such task"}"#);
+        assert_eq!(
+            json,
+            r#"{"code":404,"kind":"unknown_task","message":"no such task"}"#
+        );
     }
 
     fn arb_output() -> impl Strategy<Value = Output> {

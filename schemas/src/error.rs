@@ -71,7 +71,13 @@ impl ErrorBody {
 
 impl std::fmt::Display for ErrorBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.code, self.kind.as_str(), self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.code,
+            self.kind.as_str(),
+            self.message
+        )
     }
 }
 

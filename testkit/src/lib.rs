@@ -43,7 +43,11 @@ impl NatsServer {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                    let port = rest.trim().rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+                    let port = rest
+                        .trim()
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse::<u16>().ok());
                     if let (Some(port), Some(tx)) = (port, port_tx.take()) {
                         let _ = tx.send(port);
                     }

@@ -56,7 +56,10 @@ mod tests {
         let options = InferOptions::default();
         let inputs: Vec<_> = ["a", "b", "c"]
             .iter()
-            .map(|text| ModelInput { text, options: &options })
+            .map(|text| ModelInput {
+                text,
+                options: &options,
+            })
             .collect();
         let started = Instant::now();
         let outputs = model.run(Task::Embed, &inputs);

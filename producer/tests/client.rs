@@ -1,0 +1,228 @@
+//! The producer library and CLI against real processors on a real nats-server.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use processor::config::{Config, ModelKind};
+use processor::{Processor, ProcessorHandle};
+use producer::{Client, ClientOptions, Error};
+use schemas::{ErrorCode, InferRequest, Output, Task};
+use testkit::NatsServer;
+
+async fn start_processor(url: &str, tweak: impl FnOnce(&mut Config)) -> ProcessorHandle {
+    let mut config = Config::default();
+    config.nats.url = url.to_string();
+    config.model.kind = ModelKind::Echo;
+    tweak(&mut config);
+    Processor::start(config)
+        .await
+        .expect("processor starts")
+        .spawn()
+}
+
+fn producer(url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_producer"));
+    command.args(["--server", url, "--timeout", "5s"]);
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_prints_one_json_object_per_input_in_order() {
+    let server = NatsServer::start();
+    let processor = start_processor(&server.url(), |_| {}).await;
+    let url = server.url();
+    let output = tokio::task::spawn_blocking(move || {
+        producer(&url)
+            .args(["--chunk", "2", "embed", "first", "second one", "third"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            r#"{"input":"first","text":"first"}"#,
+            r#"{"input":"second one","text":"second one"}"#,
+            r#"{"input":"third","text":"third"}"#,
+        ]
+    );
+    processor.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_reads_stdin_and_reports_service_errors_on_stderr() {
+    let server = NatsServer::start();
+    let processor = start_processor(&server.url(), |c| c.service.max_input_bytes = 10).await;
+    let url = server.url();
+    let (ok, refused) = tokio::task::spawn_blocking(move || {
+        let mut child = producer(&url)
+            .args(["--json", "fill-mask", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"a [MASK]\n\nb [MASK]\n")
+            .unwrap();
+        let ok = child.wait_with_output().unwrap();
+        let refused = producer(&url)
+            .args(["embed", "far longer than ten bytes"])
+            .output()
+            .unwrap();
+        (ok, refused)
+    })
+    .await
+    .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let stdout = String::from_utf8(ok.stdout).unwrap();
+    let inputs: Vec<String> = stdout
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["input"].to_string())
+        .collect();
+    assert_eq!(inputs, [r#""a [MASK]""#, r#""b [MASK]""#]);
+
+    assert!(!refused.status.success());
+    assert!(refused.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("413") && stderr.contains("max_input_bytes"),
+        "{stderr}"
+    );
+    processor.shutdown().await.unwrap();
+}
+
+#[test]
+fn cli_fails_clearly_without_a_server() {
+    // A port nothing listens on: bind one, then free it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = producer(&format!("nats://127.0.0.1:{port}"))
+        .args(["embed", "hello"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("connecting to NATS"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_before_any_processor_is_retried_until_one_answers() {
+    let server = NatsServer::start();
+    let client = Client::connect_with(
+        &server.url(),
+        ClientOptions {
+            retries: 8,
+            backoff: Duration::from_millis(100),
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let pending = tokio::spawn(async move { client.embed(&["early"]).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let processor = start_processor(&server.url(), |_| {}).await;
+    // Echo answers an embed with text, which the typed call refuses: proof the reply came.
+    match pending.await.unwrap() {
+        Err(Error::BadReply(message)) => assert!(message.contains("early"), "{message}"),
+        other => panic!("expected the echoed reply, got {other:?}"),
+    }
+    processor.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_what_happened() {
+    let server = NatsServer::start();
+    let options = ClientOptions {
+        timeout: Duration::from_millis(100),
+        retries: 1,
+        backoff: Duration::from_millis(1),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect_with(&server.url(), options).await.unwrap();
+    let error = client
+        .request(Task::Embed, &InferRequest::new(["x"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::NoResponders { attempts: 2, .. }),
+        "{error}"
+    );
+
+    let processor = start_processor(&server.url(), |c| {
+        c.model.kind = ModelKind::Sim;
+        c.model.batch_ms = 400.0;
+    })
+    .await;
+    let error = client
+        .request(Task::Embed, &InferRequest::new(["x"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::TimedOut { attempts: 2, .. }),
+        "{error}"
+    );
+
+    let error = client
+        .request(Task::Embed, &InferRequest::new(Vec::<String>::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.service_error().map(|e| e.kind),
+        Some(ErrorCode::InvalidInput)
+    );
+    processor.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_requests_in_flight_from_one_client_in_both_encodings() {
+    let server = NatsServer::start();
+    let processor = start_processor(&server.url(), |_| {}).await;
+    for encoding in [schemas::Encoding::Cbor, schemas::Encoding::Json] {
+        let options = ClientOptions {
+            encoding,
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with(&server.url(), options).await.unwrap();
+        let replies = futures::future::join_all((0..200).map(|i| {
+            let client = client.clone();
+            async move {
+                (
+                    i,
+                    client
+                        .request(Task::FillMask, &InferRequest::new([format!("{i}")]))
+                        .await,
+                )
+            }
+        }))
+        .await;
+        for (i, reply) in replies {
+            assert_eq!(
+                reply.unwrap().outputs,
+                vec![Output::Text {
+                    text: i.to_string()
+                }]
+            );
+        }
+    }
+    processor.shutdown().await.unwrap();
+}
