@@ -90,16 +90,33 @@ pub enum ModelKind {
     Echo,
     /// Echo that sleeps `batch_ms + item_ms * n` per batch (a simulated accelerator).
     Sim,
+    /// A BERT checkpoint from `model.path`, run with burn.
+    Bert,
+}
+
+/// Where the BERT model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// burn's CPU backend (all cores).
+    Cpu,
+    /// NVIDIA GPUs through burn-cuda (needs the `cuda` cargo feature).
+    Cuda,
 }
 
 /// `[model]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// `echo` or `sim`.
+    /// `echo`, `sim` or `bert`.
     pub kind: ModelKind,
-    /// Directory of a model checkpoint (for models loaded from disk).
+    /// `bert`: directory of a HuggingFace checkpoint (config.json, model.safetensors,
+    /// tokenizer.json).
     pub path: PathBuf,
+    /// `bert`: `cpu` or `cuda`.
+    pub device: DeviceKind,
+    /// `bert` on `cuda`: GPU indices; one model worker per GPU.
+    pub devices: Vec<usize>,
     /// `sim`: fixed cost of one batch, in milliseconds.
     pub batch_ms: f64,
     /// `sim`: cost of each input of a batch, in milliseconds.
@@ -111,6 +128,8 @@ impl Default for ModelConfig {
         ModelConfig {
             kind: ModelKind::Echo,
             path: PathBuf::from("models/all-MiniLM-L6-v2"),
+            device: DeviceKind::Cpu,
+            devices: vec![0],
             batch_ms: 10.0,
             item_ms: 0.5,
         }
@@ -135,6 +154,17 @@ impl Default for BatchConfig {
             max_size: 32,
             max_latency_ms: 5,
             queue_capacity: 4096,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// How many model workers to start: one per GPU, or one on the CPU (whose backend
+    /// already uses every core).
+    pub fn workers(&self) -> usize {
+        match (self.kind, self.device) {
+            (ModelKind::Bert, DeviceKind::Cuda) => self.devices.len(),
+            _ => 1,
         }
     }
 }
@@ -241,6 +271,26 @@ impl Config {
                     format!("{ms} is not a duration in milliseconds"),
                 ));
             }
+        }
+        if self.model.device == DeviceKind::Cuda {
+            if !cfg!(feature = "cuda") {
+                return Err(invalid(
+                    "model.device",
+                    "`cuda` needs a processor built with `--features cuda`",
+                ));
+            }
+            if self.model.devices.is_empty() {
+                return Err(invalid("model.devices", "list at least one GPU index"));
+            }
+        }
+        if self.model.kind == ModelKind::Bert && !self.model.path.is_dir() {
+            return Err(invalid(
+                "model.path",
+                format!(
+                    "{} is not a directory; fetch the default model with scripts/fetch-model",
+                    self.model.path.display()
+                ),
+            ));
         }
         if self.batch.max_size == 0 {
             return Err(invalid("batch.max_size", "must be at least 1"));

@@ -71,9 +71,12 @@ impl Processor {
             queue_capacity: config.batch.queue_capacity,
         };
         let model_config = config.model.clone();
-        let (batcher, workers) = Batcher::start(policy, 1, move |_| model::load(&model_config))
-            .await
-            .context("loading the model")?;
+        let workers = config.model.workers();
+        let (batcher, workers) = Batcher::start(policy, workers, move |index| {
+            model::load(&model_config, index)
+        })
+        .await
+        .context("loading the model")?;
 
         let url = &config.nats.url;
         let client = async_nats::ConnectOptions::new()

@@ -3,6 +3,7 @@
 //! A model runs on its own OS thread (compute blocks); it sees only batches of texts with their
 //! options and returns one result per input. It knows nothing about NATS or encodings.
 
+pub mod bert;
 mod echo;
 mod sim;
 
@@ -13,7 +14,27 @@ use schemas::{ErrorCode, InferOptions, Output, Task};
 pub use echo::EchoModel;
 pub use sim::SimModel;
 
-use crate::config::{ModelConfig, ModelKind};
+use crate::config::{DeviceKind, ModelConfig, ModelKind};
+
+/// The burn device for a configured device kind and GPU index.
+pub fn device(kind: DeviceKind, index: usize) -> anyhow::Result<burn::prelude::Device> {
+    match kind {
+        DeviceKind::Cpu => Ok(cpu_device()),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => Ok(burn::prelude::Device::cuda(index)),
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => {
+            let _ = index;
+            anyhow::bail!("this processor was built without the `cuda` feature")
+        }
+    }
+}
+
+/// The CPU backend (see README: why ndarray).
+#[allow(deprecated)] // burn 0.22 marks ndarray deprecated in favour of flex; ndarray is faster here
+pub fn cpu_device() -> burn::prelude::Device {
+    burn::prelude::Device::ndarray()
+}
 
 /// One input of a batch, borrowed from its request.
 #[derive(Debug, Clone, Copy)]
@@ -70,10 +91,25 @@ impl<M: BatchModel + ?Sized> BatchModel for Box<M> {
     }
 }
 
-/// Builds the model the configuration asks for. Called on the worker thread that will own it,
-/// so that device state (a GPU context) is created where it is used.
-pub fn load(config: &ModelConfig) -> anyhow::Result<Box<dyn BatchModel>> {
+/// Builds the model the configuration asks for, for worker `index`. Called on the worker
+/// thread that will own it, so that device state (a GPU context) is created where it is used.
+pub fn load(config: &ModelConfig, index: usize) -> anyhow::Result<Box<dyn BatchModel>> {
     Ok(match config.kind {
+        ModelKind::Bert => {
+            let device = device(
+                config.device,
+                config.devices.get(index).copied().unwrap_or(0),
+            )?;
+            let model = bert::BertModel::load(&config.path, &device)?;
+            tracing::info!(
+                model = model.name(),
+                device = ?config.device,
+                index,
+                fill_mask = model.has_mlm_head(),
+                "loaded BERT checkpoint"
+            );
+            Box::new(model)
+        }
         ModelKind::Echo => Box::new(EchoModel),
         ModelKind::Sim => Box::new(SimModel::new(
             Duration::from_secs_f64(config.batch_ms / 1000.0),

@@ -1,0 +1,109 @@
+//! The BERT encoder: N layers of self-attention (with a padding mask) and a GELU
+//! feed-forward block, each followed by a residual connection and LayerNorm (post-norm).
+
+use burn::nn::{LayerNorm, Linear};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, softmax};
+
+use super::config::BertConfig;
+use super::weights::Weights;
+use super::LoadError;
+
+/// One `encoder.layer.N`.
+struct EncoderLayer {
+    /// query, key and value projections fused: `[hidden, 3 * hidden]`.
+    qkv: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+/// `encoder.layer.*`.
+pub struct BertEncoder {
+    layers: Vec<EncoderLayer>,
+    heads: usize,
+}
+
+impl BertEncoder {
+    /// Loads every layer named in the config.
+    pub fn load(weights: &Weights<'_>, config: &BertConfig) -> Result<Self, LoadError> {
+        let h = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let name = |n: &str| weights.encoder_name(&format!("encoder.layer.{i}.{n}"));
+                let (q, k, v) = (
+                    name("attention.self.query"),
+                    name("attention.self.key"),
+                    name("attention.self.value"),
+                );
+                Ok(EncoderLayer {
+                    qkv: weights.linear_fused(&[&q, &k, &v], h, h)?,
+                    attention_out: weights.linear(&name("attention.output.dense"), h, h)?,
+                    attention_norm: weights.layer_norm(
+                        &name("attention.output.LayerNorm"),
+                        h,
+                        eps,
+                    )?,
+                    intermediate: weights.linear(
+                        &name("intermediate.dense"),
+                        h,
+                        config.intermediate_size,
+                    )?,
+                    output: weights.linear(&name("output.dense"), config.intermediate_size, h)?,
+                    output_norm: weights.layer_norm(&name("output.LayerNorm"), h, eps)?,
+                })
+            })
+            .collect::<Result<_, LoadError>>()?;
+        Ok(BertEncoder {
+            layers,
+            heads: config.num_attention_heads,
+        })
+    }
+
+    /// `x`: `[batch, len, hidden]`; `mask_bias`: `[batch, 1, 1, len]`, 0 for real tokens and a
+    /// large negative number for padding, added to the attention scores so that no token
+    /// attends to padding.
+    pub fn forward(&self, mut x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
+        for layer in &self.layers {
+            x = layer.forward(x, mask_bias.clone(), self.heads);
+        }
+        x
+    }
+}
+
+impl EncoderLayer {
+    fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>, heads: usize) -> Tensor<3> {
+        let [batch, len, hidden] = x.dims();
+        let head_dim = hidden / heads;
+        // [batch, len, 3, heads, head_dim] → three [batch, heads, len, head_dim]
+        let qkv = self
+            .qkv
+            .forward(x.clone())
+            .reshape([batch, len, 3, heads, head_dim]);
+        let split = |i: usize| {
+            qkv.clone()
+                .narrow(2, i, 1)
+                .reshape([batch, len, heads, head_dim])
+                .swap_dims(1, 2)
+        };
+        let (q, k, v) = (split(0), split(1), split(2));
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .div_scalar((head_dim as f64).sqrt())
+            + mask_bias;
+        let context = softmax(scores, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, len, hidden]);
+        let x = self
+            .attention_norm
+            .forward(self.attention_out.forward(context) + x);
+        let ffn = self
+            .output
+            .forward(gelu(self.intermediate.forward(x.clone())));
+        self.output_norm.forward(ffn + x)
+    }
+}
