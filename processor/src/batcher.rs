@@ -72,7 +72,8 @@ pub struct Batcher {
     submit: mpsc::Sender<Arc<Job>>,
     stats: Arc<BatcherStats>,
     model_name: Arc<str>,
-    supported: Vec<Task>,
+    /// Per task (in `Task::ALL` order): why the model cannot serve it, if it cannot.
+    unsupported: [Option<String>; Task::ALL.len()],
     policy: BatchPolicy,
 }
 
@@ -119,7 +120,8 @@ impl Batcher {
                     Ok(model) => {
                         let info = (
                             model.name().to_string(),
-                            Task::ALL.map(|t| model.supports(t)),
+                            Task::ALL
+                                .map(|t| (!model.supports(t)).then(|| model.unsupported_reason(t))),
                         );
                         let _ = loaded_tx.send(Ok(info));
                         work(model, ready_tx);
@@ -139,12 +141,7 @@ impl Batcher {
                 .map_err(|_| anyhow::anyhow!("a model worker died while loading its model"))?;
             info = Some(result?);
         }
-        let (model_name, supports) = info.expect("at least one worker");
-        let supported = Task::ALL
-            .into_iter()
-            .zip(supports)
-            .filter_map(|(task, ok)| ok.then_some(task))
-            .collect();
+        let (model_name, unsupported) = info.expect("at least one worker");
 
         let stats = Arc::new(BatcherStats::default());
         let (submit_tx, submit_rx) = mpsc::channel(1024);
@@ -160,7 +157,7 @@ impl Batcher {
             submit: submit_tx,
             stats,
             model_name: model_name.into(),
-            supported,
+            unsupported,
             policy,
         };
         Ok((batcher, Workers { threads }))
@@ -175,11 +172,8 @@ impl Batcher {
         inputs: Vec<String>,
         options: InferOptions,
     ) -> Result<Completed, ErrorBody> {
-        if !self.supports(task) {
-            return Err(ErrorBody::new(
-                ErrorCode::UnsupportedTask,
-                format!("model `{}` does not serve task `{task}`", self.model_name),
-            ));
+        if let Some(reason) = &self.unsupported[task_index(task)] {
+            return Err(ErrorBody::new(ErrorCode::UnsupportedTask, reason.clone()));
         }
         if inputs.is_empty() {
             return Ok(Completed {
@@ -206,7 +200,7 @@ impl Batcher {
 
     /// Whether the loaded model serves this task.
     pub fn supports(&self, task: Task) -> bool {
-        self.supported.contains(&task)
+        self.unsupported[task_index(task)].is_none()
     }
 
     /// Name of the loaded model.

@@ -226,3 +226,118 @@ async fn many_requests_in_flight_from_one_client_in_both_encodings() {
     }
     processor.shutdown().await.unwrap();
 }
+
+/// The tiny masked-LM checkpoint committed with the processor's test fixtures.
+fn tiny_mlm_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../processor/tests/fixtures/tiny-bert-mlm")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_fill_mask_with_the_tiny_checkpoint_answers_little() {
+    let server = NatsServer::start();
+    let processor = start_processor(&server.url(), |c| {
+        c.model.kind = ModelKind::Bert;
+        c.model.path = tiny_mlm_dir();
+    })
+    .await;
+    let url = server.url();
+    let output = tokio::task::spawn_blocking(move || {
+        producer(&url)
+            .args([
+                "fill-mask",
+                "--top-k",
+                "2",
+                "twinkle twinkle [MASK] star, how i wonder what you are.",
+                "happy birthday to [MASK].",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        lines[0]["input"],
+        "twinkle twinkle [MASK] star, how i wonder what you are."
+    );
+    assert_eq!(lines[0]["masks"][0][0]["token"], "little");
+    assert_eq!(lines[0]["masks"][0].as_array().unwrap().len(), 2);
+    assert_eq!(
+        lines[0]["sequence"],
+        "twinkle twinkle little star, how i wonder what you are."
+    );
+    // goldens: "happy birthday to [MASK]." → you (0.946)
+    assert_eq!(lines[1]["masks"][0][0]["token"], "you");
+    assert!((lines[1]["masks"][0][0]["score"].as_f64().unwrap() - 0.946).abs() < 1e-3);
+    processor.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_embed_with_minilm_prints_the_golden_embeddings() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = root.join("models/all-MiniLM-L6-v2");
+    assert!(
+        model.join("model.safetensors").is_file(),
+        "the all-MiniLM-L6-v2 checkpoint is not in {}: run `scripts/fetch-model` (scripts/test does)",
+        model.display()
+    );
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("processor/tests/fixtures/minilm_embeddings.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let items: Vec<&serde_json::Value> =
+        golden["items"].as_array().unwrap().iter().take(4).collect();
+    let server = NatsServer::start();
+    let processor = start_processor(&server.url(), |c| {
+        c.model.kind = ModelKind::Bert;
+        c.model.path = model;
+    })
+    .await;
+    let url = server.url();
+    let texts: Vec<String> = items
+        .iter()
+        .map(|i| i["text"].as_str().unwrap().to_string())
+        .collect();
+    let output = tokio::task::spawn_blocking(move || {
+        producer(&url).arg("embed").args(&texts).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), items.len());
+    for (line, item) in lines.iter().zip(items) {
+        assert_eq!(line["input"], item["text"]);
+        let got = line["embedding"].as_array().unwrap();
+        let want = item["embedding"].as_array().unwrap();
+        assert_eq!(got.len(), 384);
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g.as_f64().unwrap() - w.as_f64().unwrap()).abs() <= 1e-4,
+                "{}",
+                item["text"]
+            );
+        }
+    }
+    processor.shutdown().await.unwrap();
+}

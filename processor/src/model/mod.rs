@@ -74,6 +74,11 @@ pub trait BatchModel: Send + 'static {
     /// before they are queued.
     fn supports(&self, task: Task) -> bool;
 
+    /// The message for requesters of a task the model does not serve.
+    fn unsupported_reason(&self, task: Task) -> String {
+        format!("model `{}` does not serve task `{task}`", self.name())
+    }
+
     /// Computes every input of the batch; returns exactly one result per input, in order.
     /// An error for one input must not affect the others.
     fn run(&mut self, task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>>;
@@ -85,6 +90,9 @@ impl<M: BatchModel + ?Sized> BatchModel for Box<M> {
     }
     fn supports(&self, task: Task) -> bool {
         (**self).supports(task)
+    }
+    fn unsupported_reason(&self, task: Task) -> String {
+        (**self).unsupported_reason(task)
     }
     fn run(&mut self, task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
         (**self).run(task, inputs)

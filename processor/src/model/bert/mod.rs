@@ -405,6 +405,14 @@ impl BatchModel for BertModel {
         }
     }
 
+    fn unsupported_reason(&self, task: Task) -> String {
+        format!(
+            "checkpoint `{}` has no masked-LM head (cls.predictions.*), so it cannot serve {task}; \
+             serve a BertForMaskedLM checkpoint on another subject prefix for that",
+            self.name
+        )
+    }
+
     fn run(&mut self, task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
         match task {
             Task::Embed => self.run_embed(inputs),
