@@ -1,0 +1,144 @@
+//! Bare-model throughput (no NATS): sentences/second of the BERT embed path for batch sizes
+//! 1, 8, 32 and 64, on 16-token sentences and on mixed 8-128-token ones, read from
+//! `bench/inputs.json` so that `bench/pytorch_reference.py` times exactly the same inputs.
+//!
+//!   cargo bench -p processor --bench bert                      # ndarray backend
+//!   cargo bench -p processor --bench bert --features flex      # also burn's flex backend
+//!   cargo bench -p processor --bench bert -- --write-inputs    # regenerate bench/inputs.json
+//!
+//! Tokenisation is done before timing (as in the PyTorch script): this measures the model.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use burn::prelude::Device;
+use processor::model::bert::BertModel;
+
+const BATCH_SIZES: [usize; 4] = [1, 8, 32, 64];
+/// Each configuration runs at least this long (after one warm-up pass).
+const MIN_TIME: Duration = Duration::from_secs(3);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let model_dir = std::env::var_os("MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/all-MiniLM-L6-v2"));
+    assert!(
+        model_dir.join("model.safetensors").is_file(),
+        "run scripts/fetch-model first"
+    );
+    let inputs_file = root().join("bench/inputs.json");
+    if args.iter().any(|a| a == "--write-inputs") {
+        let model = BertModel::load(&model_dir, &processor::model::cpu_device()).unwrap();
+        write_inputs(&model, &inputs_file);
+        return;
+    }
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&inputs_file).expect("bench/inputs.json"))
+            .unwrap();
+    let sets: Vec<(&str, Vec<String>)> = ["short16", "mixed8_128"]
+        .into_iter()
+        .map(|key| {
+            let texts = inputs[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect();
+            (key, texts)
+        })
+        .collect();
+
+    #[cfg_attr(not(feature = "flex"), allow(unused_mut))]
+    let mut backends: Vec<(&str, Device)> = vec![("ndarray", processor::model::cpu_device())];
+    #[cfg(feature = "flex")]
+    backends.push(("flex", Device::flex()));
+
+    println!("| backend | inputs | batch | sentences/s | ms/batch |");
+    println!("| --- | --- | ---: | ---: | ---: |");
+    for (backend, device) in &backends {
+        let model = BertModel::load(&model_dir, device).unwrap();
+        for (name, texts) in &sets {
+            let ids: Vec<Vec<u32>> = texts
+                .iter()
+                .map(|t| model.tokenizer().encode(t, true).unwrap().ids)
+                .collect();
+            for batch in BATCH_SIZES {
+                let (rate, per_batch) = measure(&model, &ids, batch);
+                println!(
+                    "| {backend} | {name} | {batch} | {rate:.1} | {:.2} |",
+                    per_batch * 1e3
+                );
+            }
+        }
+    }
+}
+
+/// Embeds every input in batches of `batch`, repeatedly for at least MIN_TIME; returns
+/// sentences per second and seconds per batch.
+fn measure(model: &BertModel, ids: &[Vec<u32>], batch: usize) -> (f64, f64) {
+    let run = || {
+        for chunk in ids.chunks(batch) {
+            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            std::hint::black_box(model.embed(&refs, &vec![true; refs.len()]));
+        }
+    };
+    run(); // warm-up
+    let started = Instant::now();
+    let mut passes = 0;
+    while passes == 0 || started.elapsed() < MIN_TIME {
+        run();
+        passes += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let sentences = (passes * ids.len()) as f64;
+    let batches = (passes * ids.len().div_ceil(batch)) as f64;
+    (sentences / elapsed, elapsed / batches)
+}
+
+/// Deterministic inputs: 256 sentences of exactly 16 tokens, and 128 of 8 to 128 tokens.
+fn write_inputs(model: &BertModel, path: &std::path::Path) {
+    let words: Vec<&str> = "the a of to and in is was for on that with as by at from it his an were are which this be or has had not but first one their its new after who they have her she two been other when there all during into school time may years more most only over city some world would where later up such used many can state about national out known university united then made"
+        .split(' ')
+        .collect();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    // Adds random words while the sentence (with its final period) stays within `tokens`.
+    let mut sentence = |tokens: usize| {
+        let count = |words: &[&str]| {
+            model
+                .tokenizer()
+                .encode(&format!("{}.", words.join(" ")), true)
+                .unwrap()
+                .ids
+                .len()
+        };
+        let mut chosen: Vec<&str> = Vec::new();
+        while count(&chosen) < tokens {
+            chosen.push(words[(next() % words.len() as u64) as usize]);
+            if count(&chosen) > tokens {
+                chosen.pop();
+                break;
+            }
+        }
+        format!("{}.", chosen.join(" "))
+    };
+    let short: Vec<String> = (0..256).map(|_| sentence(16)).collect();
+    let mixed: Vec<String> = (0..128).map(|i| sentence(8 + (i * 89) % 121)).collect();
+    let json = serde_json::json!({
+        "note": "generated by `cargo bench -p processor --bench bert -- --write-inputs`; token counts include [CLS] and [SEP]",
+        "short16": short,
+        "mixed8_128": mixed,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    eprintln!("wrote {}", path.display());
+}
