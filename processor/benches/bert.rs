@@ -2,9 +2,10 @@
 //! 1, 8, 32 and 64, on 16-token sentences and on mixed 8-128-token ones, read from
 //! `bench/inputs.json` so that `bench/pytorch_reference.py` times exactly the same inputs.
 //!
-//!   cargo bench -p processor --bench bert                      # ndarray backend
-//!   cargo bench -p processor --bench bert --features flex      # also burn's flex backend
+//!   cargo bench -p processor --bench bert                      # flex (the default CPU backend)
+//!   cargo bench -p processor --bench bert --features ndarray   # also ndarray + OpenBLAS
 //!   cargo bench -p processor --bench bert -- --write-inputs    # regenerate bench/inputs.json
+//!   BENCH_SETS=mixed8_128 BENCH_BATCHES=32 cargo bench ...     # a subset
 //!
 //! Tokenisation is done before timing (as in the PyTorch script): this measures the model.
 
@@ -53,10 +54,11 @@ fn main() {
         })
         .collect();
 
-    #[cfg_attr(not(feature = "flex"), allow(unused_mut))]
-    let mut backends: Vec<(&str, Device)> = vec![("ndarray", processor::model::cpu_device())];
-    #[cfg(feature = "flex")]
-    backends.push(("flex", Device::flex()));
+    #[cfg_attr(not(feature = "ndarray"), allow(unused_mut))]
+    let mut backends: Vec<(&str, Device)> = vec![("flex", processor::model::cpu_device())];
+    #[cfg(feature = "ndarray")]
+    #[allow(deprecated)] // burn 0.22 deprecates ndarray in favour of flex; kept to compare
+    backends.push(("ndarray+openblas", Device::ndarray()));
 
     println!("| backend | inputs | batch | sentences/s | ms/batch |");
     println!("| --- | --- | ---: | ---: | ---: |");
@@ -68,6 +70,9 @@ fn main() {
                 .map(|t| model.tokenizer().encode(t, true).unwrap().ids)
                 .collect();
             for batch in BATCH_SIZES {
+                if !selected("BENCH_SETS", name) || !selected("BENCH_BATCHES", &batch.to_string()) {
+                    continue;
+                }
                 let (rate, per_batch) = measure(&model, &ids, batch);
                 println!(
                     "| {backend} | {name} | {batch} | {rate:.1} | {:.2} |",
@@ -76,6 +81,11 @@ fn main() {
             }
         }
     }
+}
+
+/// Whether a comma-separated filter variable (unset: everything) lists `value`.
+fn selected(variable: &str, value: &str) -> bool {
+    std::env::var(variable).map_or(true, |list| list.split(',').any(|v| v == value))
 }
 
 /// Embeds every input in batches of `batch`, repeatedly for at least MIN_TIME; returns

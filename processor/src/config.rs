@@ -126,7 +126,7 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
-            kind: ModelKind::Echo,
+            kind: ModelKind::Bert,
             path: PathBuf::from("models/all-MiniLM-L6-v2"),
             device: DeviceKind::Cpu,
             devices: vec![0],
@@ -282,15 +282,6 @@ impl Config {
             if self.model.devices.is_empty() {
                 return Err(invalid("model.devices", "list at least one GPU index"));
             }
-        }
-        if self.model.kind == ModelKind::Bert && !self.model.path.is_dir() {
-            return Err(invalid(
-                "model.path",
-                format!(
-                    "{} is not a directory; fetch the default model with scripts/fetch-model",
-                    self.model.path.display()
-                ),
-            ));
         }
         if self.batch.max_size == 0 {
             return Err(invalid("batch.max_size", "must be at least 1"));

@@ -80,6 +80,20 @@ fn bad_configuration_stops_the_start_with_a_message() {
 }
 
 #[test]
+fn a_missing_model_directory_names_the_fetch_command() {
+    let output = processor()
+        .args(["--model-path", "/nonexistent/minilm"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("/nonexistent/minilm") && stderr.contains("scripts/fetch-model"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn an_unreachable_nats_server_is_a_clear_error() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -87,6 +101,7 @@ fn an_unreachable_nats_server_is_a_clear_error() {
         .unwrap()
         .port();
     let output = processor()
+        .env("PROCESSOR_MODEL__KIND", "echo")
         .args(["--nats-url", &format!("nats://127.0.0.1:{port}")])
         .output()
         .unwrap();

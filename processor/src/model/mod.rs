@@ -30,10 +30,9 @@ pub fn device(kind: DeviceKind, index: usize) -> anyhow::Result<burn::prelude::D
     }
 }
 
-/// The CPU backend (see README: why ndarray).
-#[allow(deprecated)] // burn 0.22 marks ndarray deprecated in favour of flex; ndarray is faster here
+/// The CPU backend: burn's pure-Rust `flex` (see README for the comparison with ndarray).
 pub fn cpu_device() -> burn::prelude::Device {
-    burn::prelude::Device::ndarray()
+    burn::prelude::Device::flex()
 }
 
 /// One input of a batch, borrowed from its request.
@@ -104,6 +103,11 @@ impl<M: BatchModel + ?Sized> BatchModel for Box<M> {
 pub fn load(config: &ModelConfig, index: usize) -> anyhow::Result<Box<dyn BatchModel>> {
     Ok(match config.kind {
         ModelKind::Bert => {
+            anyhow::ensure!(
+                config.path.is_dir(),
+                "model.path {} is not a directory; fetch the default model with scripts/fetch-model",
+                config.path.display()
+            );
             let device = device(
                 config.device,
                 config.devices.get(index).copied().unwrap_or(0),

@@ -90,7 +90,7 @@ impl CheckpointConfig {
                 "hidden_size and num_attention_heads must be positive".into(),
             ));
         }
-        if bert.hidden_size % bert.num_attention_heads != 0 {
+        if !bert.hidden_size.is_multiple_of(bert.num_attention_heads) {
             return Err(invalid(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 bert.hidden_size, bert.num_attention_heads

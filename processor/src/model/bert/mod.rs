@@ -275,7 +275,7 @@ impl BertModel {
             return vec![Err(error); inputs.len()];
         };
         let vocab = self.config.bert.vocab_size as u32;
-        let prepared: Vec<Result<(Tokens, Vec<usize>, u32), InputError>> = inputs
+        let prepared: Vec<Result<MaskedInput, InputError>> = inputs
             .iter()
             .map(|input| {
                 let top_k = input.options.top_k.unwrap_or(DEFAULT_TOP_K);
@@ -300,15 +300,19 @@ impl BertModel {
                         ),
                     ));
                 }
-                Ok((tokens, masks, top_k))
+                Ok(MaskedInput {
+                    tokens,
+                    masks,
+                    top_k,
+                })
             })
             .collect();
         let mut batch = Vec::new();
         let mut positions = Vec::new();
         for item in prepared.iter().flatten() {
             let row = batch.len();
-            batch.push(item.0.ids.as_slice());
-            positions.extend(item.1.iter().map(|&p| (row, p)));
+            batch.push(item.tokens.ids.as_slice());
+            positions.extend(item.masks.iter().map(|&p| (row, p)));
         }
         let logits = self
             .mask_logits(&batch, &positions)
@@ -318,7 +322,11 @@ impl BertModel {
             .into_iter()
             .zip(inputs)
             .map(|(item, input)| {
-                let (tokens, masks, top_k) = item?;
+                let MaskedInput {
+                    tokens,
+                    masks,
+                    top_k,
+                } = item?;
                 let predictions: Vec<Vec<MaskPrediction>> = masks
                     .iter()
                     .map(|_| {
@@ -341,6 +349,14 @@ impl BertModel {
             })
             .collect()
     }
+}
+
+/// A `fill_mask` input ready for the model.
+struct MaskedInput {
+    tokens: Tokens,
+    /// Token positions of the masks.
+    masks: Vec<usize>,
+    top_k: u32,
 }
 
 /// The `k` most likely tokens with their probabilities (softmax over the whole row,
