@@ -5,7 +5,7 @@
 //!   cargo bench -p processor --bench bert                      # flex (the default CPU backend)
 //!   cargo bench -p processor --bench bert --features ndarray   # also ndarray + OpenBLAS
 //!   cargo bench -p processor --bench bert -- --write-inputs    # regenerate bench/inputs.json
-//!   BENCH_SETS=mixed8_128 BENCH_BATCHES=32 cargo bench ...     # a subset
+//!   BENCH_SETS=mixed8_128 BENCH_BATCHES=32 BENCH_BACKENDS=flex cargo bench ...   # a subset
 //!
 //! Tokenisation is done before timing (as in the PyTorch script): this measures the model.
 
@@ -63,6 +63,9 @@ fn main() {
     println!("| backend | inputs | batch | sentences/s | ms/batch |");
     println!("| --- | --- | ---: | ---: | ---: |");
     for (backend, device) in &backends {
+        if !selected("BENCH_BACKENDS", backend) {
+            continue;
+        }
         let model = BertModel::load(&model_dir, device).unwrap();
         for (name, texts) in &sets {
             let ids: Vec<Vec<u32>> = texts
