@@ -27,6 +27,29 @@ fn producer(url: &str) -> Command {
     command
 }
 
+/// Runs the producer CLI against `url` with `args`, checks it succeeded, and returns its
+/// stdout lines parsed as JSON.
+async fn producer_json_lines(url: &str, args: Vec<String>) -> Vec<serde_json::Value> {
+    let url = url.to_string();
+    let output = tokio::task::spawn_blocking(move || producer(&url).args(&args).output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn args(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_prints_one_json_object_per_input_in_order() {
     let server = NatsServer::start();
@@ -241,31 +264,17 @@ async fn cli_fill_mask_with_the_tiny_checkpoint_answers_little() {
         c.model.path = tiny_mlm_dir();
     })
     .await;
-    let url = server.url();
-    let output = tokio::task::spawn_blocking(move || {
-        producer(&url)
-            .args([
-                "fill-mask",
-                "--top-k",
-                "2",
-                "twinkle twinkle [MASK] star, how i wonder what you are.",
-                "happy birthday to [MASK].",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = producer_json_lines(
+        &server.url(),
+        args(&[
+            "fill-mask",
+            "--top-k",
+            "2",
+            "twinkle twinkle [MASK] star, how i wonder what you are.",
+            "happy birthday to [MASK].",
+        ]),
+    )
+    .await;
     assert_eq!(lines.len(), 2);
     assert_eq!(
         lines[0]["input"],
@@ -305,26 +314,13 @@ async fn cli_embed_with_minilm_prints_the_golden_embeddings() {
         c.model.path = model;
     })
     .await;
-    let url = server.url();
-    let texts: Vec<String> = items
-        .iter()
-        .map(|i| i["text"].as_str().unwrap().to_string())
-        .collect();
-    let output = tokio::task::spawn_blocking(move || {
-        producer(&url).arg("embed").args(&texts).output().unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let mut command = args(&["embed"]);
+    command.extend(
+        items
+            .iter()
+            .map(|i| i["text"].as_str().unwrap().to_string()),
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = producer_json_lines(&server.url(), command).await;
     assert_eq!(lines.len(), items.len());
     for (line, item) in lines.iter().zip(items) {
         assert_eq!(line["input"], item["text"]);
