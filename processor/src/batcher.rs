@@ -198,11 +198,6 @@ impl Batcher {
         done_rx.await.map_err(|_| stopped())?
     }
 
-    /// Whether the loaded model serves this task.
-    pub fn supports(&self, task: Task) -> bool {
-        self.unsupported[task_index(task)].is_none()
-    }
-
     /// Name of the loaded model.
     pub fn model_name(&self) -> &str {
         &self.model_name

@@ -54,30 +54,26 @@ fn args(items: &[&str]) -> Vec<String> {
 async fn cli_prints_one_json_object_per_input_in_order() {
     let server = NatsServer::start();
     let processor = start_processor(&server.url(), |_| {}).await;
-    let url = server.url();
-    let output = tokio::task::spawn_blocking(move || {
-        producer(&url)
-            .args(["--chunk", "2", "embed", "first", "second one", "third"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    let lines: Vec<&str> = stdout.lines().collect();
+    let lines = producer_json_lines(
+        &server.url(),
+        args(&["--chunk", "2", "embed", "first", "second one", "third"]),
+    )
+    .await;
     assert_eq!(
         lines,
         [
-            r#"{"input":"first","text":"first"}"#,
-            r#"{"input":"second one","text":"second one"}"#,
-            r#"{"input":"third","text":"third"}"#,
+            serde_json::json!({"input": "first", "text": "first"}),
+            serde_json::json!({"input": "second one", "text": "second one"}),
+            serde_json::json!({"input": "third", "text": "third"}),
         ]
     );
+    // `input` comes first in every line.
+    for line in &lines {
+        assert_eq!(
+            line.as_object().unwrap().keys().next().map(String::as_str),
+            Some("input")
+        );
+    }
     processor.shutdown().await.unwrap();
 }
 

@@ -50,9 +50,4 @@ impl BertEmbeddings {
             + self.token_type.forward(types);
         self.norm.forward(x)
     }
-
-    /// The word embedding table `[vocab, hidden]` (the MLM decoder is tied to it).
-    pub fn word_table(&self) -> Tensor<2> {
-        self.word.weight.val()
-    }
 }

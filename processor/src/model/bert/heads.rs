@@ -20,31 +20,19 @@ pub struct MaskedLmHead {
 
 impl MaskedLmHead {
     /// Loads the head if the checkpoint has one (`cls.predictions.transform.dense.weight`).
-    pub fn load(
-        weights: &Weights<'_>,
-        config: &BertConfig,
-        word_table: &Tensor<2>,
-    ) -> Result<Option<Self>, LoadError> {
+    pub fn load(weights: &Weights<'_>, config: &BertConfig) -> Result<Option<Self>, LoadError> {
         if !weights.has_exact("cls.predictions.transform.dense.weight") {
             return Ok(None);
         }
         let (h, vocab) = (config.hidden_size, config.vocab_size);
-        let decoder = if weights.has_exact("cls.predictions.decoder.weight") {
-            weights.matrix_transposed("cls.predictions.decoder.weight", vocab, h)?
+        // Untied checkpoints have their own decoder; tied ones reuse the word embeddings. Either
+        // way a contiguous `[hidden, vocab]` copy makes the decoder one plain matmul.
+        let decoder_name = if weights.has_exact("cls.predictions.decoder.weight") {
+            "cls.predictions.decoder.weight".to_string()
         } else {
-            // Tied: a contiguous transposed copy makes the decoder one plain matmul.
-            let values = word_table.to_data().try_to_vec::<f32>().expect("f32 table");
-            let mut transposed = vec![0f32; values.len()];
-            for (v, row) in values.chunks_exact(h).enumerate() {
-                for (i, value) in row.iter().enumerate() {
-                    transposed[i * vocab + v] = *value;
-                }
-            }
-            Tensor::from_data(
-                TensorData::new(transposed, [h, vocab]),
-                &word_table.device(),
-            )
+            weights.encoder_name("embeddings.word_embeddings.weight")
         };
+        let decoder = weights.matrix_transposed(&decoder_name, vocab, h)?;
         let bias_name = if weights.has_exact("cls.predictions.bias") {
             "cls.predictions.bias"
         } else {

@@ -104,7 +104,7 @@ impl BertModel {
         let weights = weights::Weights::parse(&file, &bytes, device)?;
         let embeddings = BertEmbeddings::load(&weights, &config.bert)?;
         let encoder = BertEncoder::load(&weights, &config.bert)?;
-        let mlm = MaskedLmHead::load(&weights, &config.bert, &embeddings.word_table())?;
+        let mlm = MaskedLmHead::load(&weights, &config.bert)?;
         let name = dir
             .canonicalize()
             .ok()
@@ -124,11 +124,6 @@ impl BertModel {
     /// The tokenizer.
     pub fn tokenizer(&self) -> &BertTokenizer {
         &self.tokenizer
-    }
-
-    /// The checkpoint's configuration.
-    pub fn config(&self) -> &CheckpointConfig {
-        &self.config
     }
 
     /// Whether the checkpoint has a masked-LM head.

@@ -45,8 +45,7 @@ impl<'a> Weights<'a> {
         })
     }
 
-    /// Whether a tensor exists (name without the encoder prefix for encoder tensors: use
-    /// [`Weights::has_exact`] for head tensors).
+    /// Whether a tensor with exactly this name exists.
     pub fn has_exact(&self, name: &str) -> bool {
         self.tensors.tensor(name).is_ok()
     }
