@@ -1,16 +1,22 @@
-//! The batcher: an actor that owns the queue of waiting inputs and hands batches to model
-//! workers, each on its own OS thread.
+//! The scheduler: an actor that owns the queue of prepared inputs and hands batches to model
+//! workers, each on its own OS thread. This module knows nothing about NATS.
 //!
-//! Requests arrive through [`Batcher::infer`]; every input of a request is queued on its own,
-//! so a request larger than a batch is split and one batch can mix many requests. A batch of
-//! one task closes when it holds `max_size` inputs or `max_latency` after its oldest input
-//! arrived, and is given to the next idle worker (workers pull, so a free one takes the work).
-//! Each request gets exactly one answer, built from its own inputs' results. This module knows
-//! nothing about NATS.
+//! - Requests arrive through [`Batcher::infer`], which prepares (tokenises) every input on the
+//!   caller's task, so workers only compute. Each input is queued on its own: a large request
+//!   is split over batches, and one batch mixes many requests.
+//! - Workers pull: an idle worker is handed a batch as soon as its task's queue holds
+//!   `min_size` inputs (1 by default: at low load nothing waits), or when the oldest queued
+//!   input has waited `max_latency`. While every worker is busy, inputs accumulate, and the
+//!   next free worker takes up to `max_size` inputs or `max_tokens` padded tokens.
+//! - With length grouping, a batch is the oldest queued input plus the inputs of nearest
+//!   length among the `grouping_window` oldest, so batches carry little padding and no input
+//!   is passed over for ever (the oldest always goes next).
+//! - Inputs whose request's deadline passed are not computed: the request gets `timeout`.
+//!   A full queue answers `overloaded` at once.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,17 +25,56 @@ use schemas::{ErrorBody, ErrorCode, InferOptions, Output, Task};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::model::{BatchModel, InputError, ModelInput};
+use crate::config::BatchConfig;
+use crate::model::{BatchModel, InputError, ModelInput, Prepare, Prepared};
+pub use crate::stats::BatcherStats;
 
-/// When a batch closes and how much may wait.
+/// How batches are formed and how much may wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchPolicy {
-    /// A batch closes when it holds this many inputs.
+    /// Most inputs in a batch.
     pub max_size: usize,
-    /// ... or this long after its oldest input arrived.
+    /// Most padded tokens in a batch (inputs × longest input); a longer input goes alone.
+    pub max_tokens: usize,
+    /// Inputs an idle worker waits for before starting (up to `max_latency`).
+    pub min_size: usize,
+    /// Longest a queued input waits for `min_size` to be reached.
     pub max_latency: Duration,
     /// Most inputs that may wait in the queue; more are refused as `overloaded`.
     pub queue_capacity: usize,
+    /// Group inputs of similar length into a batch.
+    pub length_grouping: bool,
+    /// How many of the oldest queued inputs grouping chooses from.
+    pub grouping_window: usize,
+}
+
+impl BatchPolicy {
+    /// Size-bounded batches with no token bound, dispatched at once, grouped by length.
+    pub fn new(max_size: usize, queue_capacity: usize) -> Self {
+        BatchPolicy {
+            max_size,
+            max_tokens: usize::MAX,
+            min_size: 1,
+            max_latency: Duration::ZERO,
+            queue_capacity,
+            length_grouping: true,
+            grouping_window: (max_size * 8).max(256),
+        }
+    }
+}
+
+impl From<&BatchConfig> for BatchPolicy {
+    fn from(config: &BatchConfig) -> Self {
+        BatchPolicy {
+            max_size: config.max_size,
+            max_tokens: config.max_tokens,
+            min_size: config.min_size,
+            max_latency: config.max_latency(),
+            queue_capacity: config.queue_capacity,
+            length_grouping: config.length_grouping,
+            grouping_window: config.grouping_window,
+        }
+    }
 }
 
 /// The outputs of one request.
@@ -41,30 +86,6 @@ pub struct Completed {
     pub batch_size: usize,
 }
 
-/// Counters kept by the batcher (read for `$SRV.STATS`).
-#[derive(Debug, Default)]
-pub struct BatcherStats {
-    /// Batches given to the model.
-    pub batches: AtomicU64,
-    /// Inputs computed, summed over batches.
-    pub inputs: AtomicU64,
-    /// Requests refused because the queue was full.
-    pub rejected: AtomicU64,
-    /// Inputs waiting for a batch right now.
-    pub queued: AtomicU64,
-}
-
-impl BatcherStats {
-    /// Mean inputs per batch so far (0 before the first batch).
-    pub fn mean_batch_size(&self) -> f64 {
-        let batches = self.batches.load(Ordering::Relaxed);
-        if batches == 0 {
-            return 0.0;
-        }
-        self.inputs.load(Ordering::Relaxed) as f64 / batches as f64
-    }
-}
-
 /// Handle to the batcher; cheap to clone. The actor stops (after computing everything still
 /// queued) once every handle is dropped.
 #[derive(Clone)]
@@ -72,8 +93,9 @@ pub struct Batcher {
     submit: mpsc::Sender<Arc<Job>>,
     stats: Arc<BatcherStats>,
     model_name: Arc<str>,
+    preparer: Arc<dyn Prepare>,
     /// Per task (in `Task::ALL` order): why the model cannot serve it, if it cannot.
-    unsupported: [Option<String>; Task::ALL.len()],
+    unsupported: Arc<[Option<String>; Task::ALL.len()]>,
     policy: BatchPolicy,
 }
 
@@ -92,10 +114,17 @@ impl Workers {
     }
 }
 
+/// What a worker reports once its model is loaded.
+struct Loaded {
+    name: String,
+    unsupported: [Option<String>; Task::ALL.len()],
+    preparer: Arc<dyn Prepare>,
+}
+
 impl Batcher {
-    /// Starts the queue actor and `workers` model threads, each building its own model with
-    /// `load` (on its own thread). Returns once every model is loaded, or the first error.
-    /// Must be called inside a tokio runtime.
+    /// Starts the queue actor and `workers` model threads; worker `i` builds its own model
+    /// with `load(i)` on its own thread (so a GPU context lives where it is used). Returns
+    /// once every model is loaded, or the first error. Must be called inside a tokio runtime.
     pub async fn start<M, F>(
         policy: BatchPolicy,
         workers: usize,
@@ -105,7 +134,8 @@ impl Batcher {
         M: BatchModel,
         F: Fn(usize) -> anyhow::Result<M> + Send + Sync + 'static,
     {
-        assert!(workers > 0 && policy.max_size > 0);
+        assert!(workers > 0 && policy.max_size > 0 && policy.min_size > 0);
+        let stats = Arc::new(BatcherStats::default());
         let load = Arc::new(load);
         let (ready_tx, ready_rx) = mpsc::channel::<oneshot::Sender<Batch>>(workers);
         let mut threads = Vec::with_capacity(workers);
@@ -114,17 +144,19 @@ impl Batcher {
             let (loaded_tx, loaded_rx) = oneshot::channel();
             let load = load.clone();
             let ready_tx = ready_tx.clone();
+            let stats = stats.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("model-worker-{index}"))
                 .spawn(move || match load(index) {
                     Ok(model) => {
-                        let info = (
-                            model.name().to_string(),
-                            Task::ALL
+                        let info = Loaded {
+                            name: model.name().to_string(),
+                            unsupported: Task::ALL
                                 .map(|t| (!model.supports(t)).then(|| model.unsupported_reason(t))),
-                        );
+                            preparer: model.preparer(),
+                        };
                         let _ = loaded_tx.send(Ok(info));
-                        work(model, ready_tx);
+                        work(model, ready_tx, &stats);
                     }
                     Err(err) => {
                         let _ = loaded_tx.send(Err(err));
@@ -141,9 +173,8 @@ impl Batcher {
                 .map_err(|_| anyhow::anyhow!("a model worker died while loading its model"))?;
             info = Some(result?);
         }
-        let (model_name, unsupported) = info.expect("at least one worker");
+        let info = info.expect("at least one worker");
 
-        let stats = Arc::new(BatcherStats::default());
         let (submit_tx, submit_rx) = mpsc::channel(1024);
         let queue = Queue {
             policy,
@@ -156,21 +187,24 @@ impl Batcher {
         let batcher = Batcher {
             submit: submit_tx,
             stats,
-            model_name: model_name.into(),
-            unsupported,
+            model_name: info.name.into(),
+            preparer: info.preparer,
+            unsupported: Arc::new(info.unsupported),
             policy,
         };
         Ok((batcher, Workers { threads }))
     }
 
-    /// Queues a request's inputs and waits for all of their outputs. Fails for the whole
-    /// request if any input fails (the message names the input), if the queue is full, or if
-    /// the model does not serve the task.
+    /// Prepares a request's inputs, queues them and waits for all of their outputs. Fails for
+    /// the whole request if any input fails (the message names the input), if the queue is
+    /// full, if `deadline` passes before an input's batch starts, or if the model does not
+    /// serve the task.
     pub async fn infer(
         &self,
         task: Task,
         inputs: Vec<String>,
         options: InferOptions,
+        deadline: Option<Instant>,
     ) -> Result<Completed, ErrorBody> {
         if let Some(reason) = &self.unsupported[task_index(task)] {
             return Err(ErrorBody::new(ErrorCode::UnsupportedTask, reason.clone()));
@@ -191,8 +225,21 @@ impl Batcher {
                 ),
             ));
         }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            self.stats.expired.fetch_add(1, Ordering::Relaxed);
+            return Err(expired_error(Duration::ZERO));
+        }
+        let prepared = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                self.preparer
+                    .prepare(task, text, &options)
+                    .map_err(|e| input_error(i, inputs.len(), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let (done_tx, done_rx) = oneshot::channel();
-        let job = Arc::new(Job::new(task, inputs, options, done_tx));
+        let job = Arc::new(Job::new(task, inputs, prepared, options, deadline, done_tx));
         let stopped = || ErrorBody::new(ErrorCode::Internal, "the batcher has stopped");
         self.submit.send(job).await.map_err(|_| stopped())?;
         done_rx.await.map_err(|_| stopped())?
@@ -203,18 +250,41 @@ impl Batcher {
         &self.model_name
     }
 
-    /// The batcher's counters.
+    /// The batcher's statistics.
     pub fn stats(&self) -> &Arc<BatcherStats> {
         &self.stats
     }
 }
 
-/// One request in flight: its inputs and the results gathered so far.
+/// The error of a request whose deadline passed before its batch started.
+fn expired_error(waited: Duration) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Timeout,
+        format!(
+            "the request's deadline passed after {:.1} ms in the queue, before its batch started; it was not computed",
+            waited.as_secs_f64() * 1000.0
+        ),
+    )
+}
+
+/// An input's error as the request's error, naming the input when there are several.
+fn input_error(index: usize, inputs: usize, error: InputError) -> ErrorBody {
+    let message = if inputs == 1 {
+        error.message
+    } else {
+        format!("input {index}: {}", error.message)
+    };
+    ErrorBody::new(error.code, message)
+}
+
+/// One request in flight: its prepared inputs and the results gathered so far.
 struct Job {
     task: Task,
     inputs: Vec<String>,
+    prepared: Vec<Prepared>,
     options: InferOptions,
     arrived: Instant,
+    deadline: Option<Instant>,
     progress: Mutex<Progress>,
 }
 
@@ -222,6 +292,7 @@ struct Progress {
     results: Vec<Option<Result<Output, InputError>>>,
     remaining: usize,
     largest_batch: usize,
+    /// Taken when the request is answered.
     done: Option<oneshot::Sender<Result<Completed, ErrorBody>>>,
 }
 
@@ -229,29 +300,42 @@ impl Job {
     fn new(
         task: Task,
         inputs: Vec<String>,
+        prepared: Vec<Prepared>,
         options: InferOptions,
+        deadline: Option<Instant>,
         done: oneshot::Sender<Result<Completed, ErrorBody>>,
     ) -> Self {
         let n = inputs.len();
         Job {
             task,
+            inputs,
+            prepared,
             options,
             arrived: Instant::now(),
+            deadline,
             progress: Mutex::new(Progress {
                 results: (0..n).map(|_| None).collect(),
                 remaining: n,
                 largest_batch: 0,
                 done: Some(done),
             }),
-            inputs,
         }
     }
 
-    /// Answers the request at once (it never reached a batch).
-    fn refuse(&self, error: ErrorBody) {
+    /// Whether the request has been answered (its remaining inputs need no computing).
+    fn answered(&self) -> bool {
+        self.progress.lock().expect("job lock").done.is_none()
+    }
+
+    /// Answers the request now with an error; false if it was already answered.
+    fn refuse(&self, error: ErrorBody) -> bool {
         let done = self.progress.lock().expect("job lock").done.take();
-        if let Some(done) = done {
-            let _ = done.send(Err(error));
+        match done {
+            Some(done) => {
+                let _ = done.send(Err(error));
+                true
+            }
+            None => false,
         }
     }
 
@@ -273,38 +357,46 @@ impl Job {
         let batch_size = progress.largest_batch;
         let results = std::mem::take(&mut progress.results);
         drop(progress);
-        let mut outputs = Vec::with_capacity(results.len());
-        for (i, result) in results.into_iter().enumerate() {
-            match result.expect("every input has a result") {
-                Ok(output) => outputs.push(output),
-                Err(err) => {
-                    let message = if self.inputs.len() == 1 {
-                        err.message
-                    } else {
-                        format!("input {i}: {}", err.message)
-                    };
-                    let _ = done.send(Err(ErrorBody::new(err.code, message)));
-                    return;
-                }
-            }
-        }
-        let _ = done.send(Ok(Completed {
+        let n = results.len();
+        let outputs = results
+            .into_iter()
+            .enumerate()
+            .map(|(i, result)| {
+                result
+                    .expect("every input has a result")
+                    .map_err(|e| input_error(i, n, e))
+            })
+            .collect::<Result<Vec<_>, _>>();
+        let _ = done.send(outputs.map(|outputs| Completed {
             outputs,
             batch_size,
         }));
     }
 }
 
+/// One queued input.
+struct Item {
+    job: Arc<Job>,
+    index: usize,
+    tokens: usize,
+}
+
+impl Item {
+    fn expired(&self, now: Instant) -> bool {
+        self.job.deadline.is_some_and(|d| d <= now)
+    }
+}
+
 /// A batch for a worker: inputs of one task, each pointing back to its request.
 struct Batch {
     task: Task,
-    items: Vec<(Arc<Job>, usize)>,
+    items: Vec<Item>,
 }
 
-/// The actor's state: per-task FIFO queues of inputs and the idle workers.
+/// The actor's state: per-task queues of inputs (oldest first) and the idle workers.
 struct Queue {
     policy: BatchPolicy,
-    waiting: [VecDeque<(Arc<Job>, usize)>; Task::ALL.len()],
+    waiting: [VecDeque<Item>; Task::ALL.len()],
     queued_inputs: usize,
     idle: VecDeque<oneshot::Sender<Batch>>,
     stats: Arc<BatcherStats>,
@@ -330,7 +422,8 @@ impl Queue {
             if !accepting && self.queued_inputs == 0 {
                 break;
             }
-            let wake = self.next_close().filter(|_| !self.idle.is_empty());
+            // Only a queue waiting for `min_size` needs a timer, and only if a worker is idle.
+            let wake = self.next_latency_close().filter(|_| !self.idle.is_empty());
             tokio::select! {
                 job = submit.recv(), if accepting => match job {
                     Some(job) => self.enqueue(job),
@@ -348,6 +441,10 @@ impl Queue {
     fn enqueue(&mut self, job: Arc<Job>) {
         let n = job.inputs.len();
         if self.queued_inputs + n > self.policy.queue_capacity {
+            // Requests that expired or failed still hold places: free them before refusing.
+            self.purge(Instant::now(), usize::MAX);
+        }
+        if self.queued_inputs + n > self.policy.queue_capacity {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             job.refuse(ErrorBody::new(
                 ErrorCode::Overloaded,
@@ -360,76 +457,222 @@ impl Queue {
         }
         self.queued_inputs += n;
         let queue = &mut self.waiting[task_index(job.task)];
-        queue.extend((0..n).map(|i| (job.clone(), i)));
+        queue.extend((0..n).map(|index| Item {
+            job: job.clone(),
+            index,
+            tokens: job.prepared[index].tokens,
+        }));
     }
 
-    /// When the oldest open batch closes on latency.
-    fn next_close(&self) -> Option<Instant> {
+    /// When the oldest input of a queue still short of `min_size` has waited `max_latency`.
+    fn next_latency_close(&self) -> Option<Instant> {
         self.waiting
             .iter()
             .filter_map(|q| q.front())
-            .map(|(job, _)| job.arrived + self.policy.max_latency)
+            .map(|item| item.job.arrived + self.policy.max_latency)
             .min()
     }
 
-    /// Gives closed batches to idle workers, oldest first. When `flush` is set every queued
-    /// input counts as closed (shutdown: compute what is left, then stop).
-    fn dispatch(&mut self, now: Instant, flush: bool) {
-        while !self.idle.is_empty() {
-            let closed = self
-                .waiting
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| {
-                    q.front().is_some_and(|(job, _)| {
-                        flush
-                            || q.len() >= self.policy.max_size
-                            || job.arrived + self.policy.max_latency <= now
-                    })
-                })
-                .min_by_key(|(_, q)| q.front().map(|(job, _)| job.arrived))
-                .map(|(i, _)| i);
-            let Some(index) = closed else { return };
-            let queue = &mut self.waiting[index];
-            let take = queue.len().min(self.policy.max_size);
-            let items: Vec<_> = queue.drain(..take).collect();
-            self.queued_inputs -= items.len();
-            let batch = Batch {
-                task: Task::ALL[index],
-                items,
-            };
-            let size = batch.items.len() as u64;
-            let mut batch = Some(batch);
-            while let Some(worker) = self.idle.pop_front() {
-                match worker.send(batch.take().expect("batch")) {
-                    Ok(()) => {
-                        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                        self.stats.inputs.fetch_add(size, Ordering::Relaxed);
-                        break;
-                    }
-                    // That worker died; try the next idle one.
-                    Err(returned) => batch = Some(returned),
-                }
+    /// Whether a queue may be handed to an idle worker now.
+    fn is_ready(&self, queue: &VecDeque<Item>, now: Instant, flush: bool) -> bool {
+        let Some(oldest) = queue.front() else {
+            return false;
+        };
+        if flush || queue.len() >= self.policy.min_size {
+            return true;
+        }
+        if oldest.job.arrived + self.policy.max_latency <= now {
+            return true;
+        }
+        // Short of `min_size`, but a batch is full by tokens already: waiting adds nothing.
+        let mut longest = 0;
+        for (count, item) in queue.iter().enumerate() {
+            longest = longest.max(item.tokens);
+            if (count + 1) * longest > self.policy.max_tokens {
+                return true;
             }
-            if let Some(batch) = batch {
-                // No live idle worker: put the inputs back at the head of their queue.
-                self.queued_inputs += batch.items.len();
-                let queue = &mut self.waiting[index];
-                for item in batch.items.into_iter().rev() {
-                    queue.push_front(item);
+        }
+        false
+    }
+
+    /// Drops expired inputs (answering their requests with `timeout`) and inputs of requests
+    /// already answered, among the first `depth` of every queue.
+    fn purge(&mut self, now: Instant, depth: usize) {
+        for queue in &mut self.waiting {
+            let depth = depth.min(queue.len());
+            let stale = |item: &Item| item.expired(now) || item.job.answered();
+            if !queue.iter().take(depth).any(stale) {
+                continue;
+            }
+            let head: Vec<Item> = queue.drain(..depth).collect();
+            let mut kept = Vec::with_capacity(head.len());
+            for item in head {
+                if item.expired(now) {
+                    let waited = now.saturating_duration_since(item.job.arrived);
+                    if item.job.refuse(expired_error(waited)) {
+                        self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else if !item.job.answered() {
+                    kept.push(item);
+                    continue;
                 }
+                self.queued_inputs -= 1;
+            }
+            for item in kept.into_iter().rev() {
+                queue.push_front(item);
+            }
+        }
+    }
+
+    /// Hands batches to idle workers while some queue is ready, oldest queue first. When
+    /// `flush` is set every queued input is ready (shutdown: compute what is left, then stop).
+    fn dispatch(&mut self, now: Instant, flush: bool) {
+        if self.idle.is_empty() || self.queued_inputs == 0 {
+            return;
+        }
+        self.purge(now, self.policy.grouping_window.max(self.policy.max_size));
+        while !self.idle.is_empty() {
+            let ready = (0..self.waiting.len())
+                .filter(|&i| self.is_ready(&self.waiting[i], now, flush))
+                .min_by_key(|&i| self.waiting[i].front().map(|item| item.job.arrived));
+            let Some(index) = ready else { return };
+            let items = if self.policy.length_grouping {
+                take_grouped(&mut self.waiting[index], &self.policy)
+            } else {
+                take_in_order(&mut self.waiting[index], &self.policy)
+            };
+            self.queued_inputs -= items.len();
+            self.hand_over(
+                Batch {
+                    task: Task::ALL[index],
+                    items,
+                },
+                index,
+                now,
+            );
+        }
+    }
+
+    /// Gives a batch to the first live idle worker, or puts it back at the head of its queue.
+    fn hand_over(&mut self, batch: Batch, queue_index: usize, now: Instant) {
+        let size = batch.items.len();
+        let tokens = batch.items.iter().map(|item| item.tokens).sum();
+        let longest = batch
+            .items
+            .iter()
+            .map(|item| item.tokens)
+            .max()
+            .unwrap_or(0);
+        let waits: Vec<Duration> = batch
+            .items
+            .iter()
+            .map(|item| now.saturating_duration_since(item.job.arrived))
+            .collect();
+        let mut batch = Some(batch);
+        while let Some(worker) = self.idle.pop_front() {
+            match worker.send(batch.take().expect("batch")) {
+                Ok(()) => {
+                    self.stats.record_batch(size, tokens, longest);
+                    for wait in waits {
+                        self.stats.queue_wait.observe(wait);
+                    }
+                    return;
+                }
+                // That worker died; try the next idle one.
+                Err(returned) => batch = Some(returned),
+            }
+        }
+        if let Some(batch) = batch {
+            self.queued_inputs += batch.items.len();
+            let queue = &mut self.waiting[queue_index];
+            for item in batch.items.into_iter().rev() {
+                queue.push_front(item);
             }
         }
     }
 
     fn fail_all(&mut self, reason: &str) {
         for queue in &mut self.waiting {
-            for (job, index) in queue.drain(..) {
-                job.complete(index, Err(InputError::new(ErrorCode::Internal, reason)), 0);
+            for item in queue.drain(..) {
+                let error = InputError::new(ErrorCode::Internal, reason);
+                item.job.complete(item.index, Err(error), 0);
             }
         }
         self.queued_inputs = 0;
     }
+}
+
+/// Oldest first, up to `max_size` inputs and `max_tokens` padded tokens (at least one input).
+fn take_in_order(queue: &mut VecDeque<Item>, policy: &BatchPolicy) -> Vec<Item> {
+    let mut longest = 0;
+    let mut count = 0;
+    for item in queue.iter() {
+        let longer = longest.max(item.tokens);
+        if count > 0 && (count + 1 > policy.max_size || (count + 1) * longer > policy.max_tokens) {
+            break;
+        }
+        longest = longer;
+        count += 1;
+    }
+    queue.drain(..count).collect()
+}
+
+/// The oldest input plus the inputs nearest to it in length among the `grouping_window`
+/// oldest: of the runs of inputs adjacent in length order that contain the oldest and fit
+/// the bounds, the one with the most inputs, then the least padding.
+fn take_grouped(queue: &mut VecDeque<Item>, policy: &BatchPolicy) -> Vec<Item> {
+    let window = queue.len().min(policy.grouping_window.max(1));
+    // Positions in the queue, shortest first; equal lengths stay oldest first.
+    let mut order: Vec<usize> = (0..window).collect();
+    order.sort_by_key(|&i| queue[i].tokens);
+    let tokens = |k: usize| queue[order[k]].tokens;
+    let mut prefix = vec![0usize; window + 1];
+    for k in 0..window {
+        prefix[k + 1] = prefix[k] + tokens(k);
+    }
+    let oldest = order
+        .iter()
+        .position(|&i| i == 0)
+        .expect("the oldest is in the window");
+    let fits = |start: usize, end: usize| {
+        end - start <= policy.max_size && (end - start) * tokens(end - 1) <= policy.max_tokens
+    };
+    // Best run [start, end) so far, as (inputs, padding).
+    let mut best = (oldest, oldest + 1);
+    let mut best_score = (1, 0);
+    for start in oldest.saturating_sub(policy.max_size - 1)..=oldest {
+        if !fits(start, oldest + 1) {
+            continue;
+        }
+        let mut end = oldest + 1;
+        while end < window && fits(start, end + 1) {
+            end += 1;
+        }
+        let inputs = end - start;
+        let padding = inputs * tokens(end - 1) - (prefix[end] - prefix[start]);
+        if inputs > best_score.0 || (inputs == best_score.0 && padding < best_score.1) {
+            best = (start, end);
+            best_score = (inputs, padding);
+        }
+    }
+    let mut chosen = vec![false; window];
+    for &position in &order[best.0..best.1] {
+        chosen[position] = true;
+    }
+    let head: Vec<Item> = queue.drain(..window).collect();
+    let mut batch = Vec::with_capacity(best.1 - best.0);
+    let mut rest = Vec::with_capacity(window - batch.capacity());
+    for (item, chosen) in head.into_iter().zip(chosen) {
+        if chosen {
+            batch.push(item);
+        } else {
+            rest.push(item);
+        }
+    }
+    for item in rest.into_iter().rev() {
+        queue.push_front(item);
+    }
+    batch
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -447,7 +690,11 @@ fn task_index(task: Task) -> usize {
 }
 
 /// A model worker's loop: ask the queue for a batch, compute it, deliver the results.
-fn work<M: BatchModel>(mut model: M, ready: mpsc::Sender<oneshot::Sender<Batch>>) {
+fn work<M: BatchModel>(
+    mut model: M,
+    ready: mpsc::Sender<oneshot::Sender<Batch>>,
+    stats: &BatcherStats,
+) {
     loop {
         let (batch_tx, batch_rx) = oneshot::channel();
         if ready.blocking_send(batch_tx).is_err() {
@@ -456,13 +703,16 @@ fn work<M: BatchModel>(mut model: M, ready: mpsc::Sender<oneshot::Sender<Batch>>
         let Ok(batch) = batch_rx.blocking_recv() else {
             return;
         };
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let size = batch.items.len();
         let inputs: Vec<ModelInput<'_>> = batch
             .items
             .iter()
-            .map(|(job, i)| ModelInput {
-                text: &job.inputs[*i],
-                options: &job.options,
+            .map(|item| ModelInput {
+                text: &item.job.inputs[item.index],
+                options: &item.job.options,
+                prepared: &item.job.prepared[item.index],
             })
             .collect();
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| model.run(batch.task, &inputs)));
@@ -481,8 +731,10 @@ fn work<M: BatchModel>(mut model: M, ready: mpsc::Sender<oneshot::Sender<Batch>>
             }
         };
         drop(inputs);
-        for ((job, index), result) in batch.items.iter().zip(results) {
-            job.complete(*index, result, size);
+        stats.compute.observe(started.elapsed());
+        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        for (item, result) in batch.items.iter().zip(results) {
+            item.job.complete(item.index, result, size);
         }
     }
 }
@@ -490,16 +742,30 @@ fn work<M: BatchModel>(mut model: M, ready: mpsc::Sender<oneshot::Sender<Batch>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc as std_mpsc;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-    /// Where a gated batch reports its size, and where it waits for a permit.
-    type Gate = (std_mpsc::Sender<usize>, Arc<Mutex<std_mpsc::Receiver<()>>>);
+    /// Tokens are characters, so a test says an input's length by its text.
+    struct CharCount;
 
-    /// Echoes, records each batch's size, fails inputs that say "fail" and panics on "panic".
+    impl Prepare for CharCount {
+        fn prepare(
+            &self,
+            _task: Task,
+            text: &str,
+            _options: &InferOptions,
+        ) -> Result<Prepared, InputError> {
+            if text == "unpreparable" {
+                return Err(InputError::new(ErrorCode::InvalidInput, "cannot prepare"));
+            }
+            Ok(Prepared::length_only(text.len()))
+        }
+    }
+
+    /// Echoes; reports each batch's texts; fails inputs that say "fail", panics on "panic".
+    /// When gated, every batch waits for one permit from the test before it computes.
     struct Recorder {
-        sizes: Arc<Mutex<Vec<usize>>>,
-        /// When set, each batch reports that it started and waits for one permit.
-        gate: Option<Gate>,
+        batches: UnboundedSender<Vec<String>>,
+        permits: Option<Arc<Mutex<UnboundedReceiver<()>>>>,
     }
 
     impl BatchModel for Recorder {
@@ -509,15 +775,18 @@ mod tests {
         fn supports(&self, task: Task) -> bool {
             task == Task::Embed
         }
+        fn preparer(&self) -> Arc<dyn Prepare> {
+            Arc::new(CharCount)
+        }
         fn run(
             &mut self,
             _task: Task,
             inputs: &[ModelInput<'_>],
         ) -> Vec<Result<Output, InputError>> {
-            self.sizes.lock().unwrap().push(inputs.len());
-            if let Some((started, permits)) = &self.gate {
-                started.send(inputs.len()).unwrap();
-                permits.lock().unwrap().recv().unwrap();
+            let texts = inputs.iter().map(|i| i.text.to_string()).collect();
+            let _ = self.batches.send(texts);
+            if let Some(permits) = &self.permits {
+                permits.lock().unwrap().blocking_recv().expect("a permit");
             }
             if inputs.iter().any(|i| i.text == "panic") {
                 panic!("asked to panic");
@@ -537,62 +806,77 @@ mod tests {
         }
     }
 
-    fn policy(max_size: usize, max_latency_ms: u64, queue_capacity: usize) -> BatchPolicy {
-        BatchPolicy {
-            max_size,
-            max_latency: Duration::from_millis(max_latency_ms),
-            queue_capacity,
-        }
-    }
-
-    async fn recorder(policy: BatchPolicy) -> (Batcher, Arc<Mutex<Vec<usize>>>) {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let record = sizes.clone();
-        let (batcher, _workers) = Batcher::start(policy, 1, move |_| {
-            Ok(Recorder {
-                sizes: record.clone(),
-                gate: None,
-            })
-        })
-        .await
-        .unwrap();
-        (batcher, sizes)
-    }
-
-    /// A batcher whose batches block until the test releases them.
-    struct Gated {
+    /// A batcher of [`Recorder`]s and the test's ends of their channels.
+    struct Harness {
         batcher: Batcher,
-        started: std_mpsc::Receiver<usize>,
-        permits: std_mpsc::Sender<()>,
+        batches: UnboundedReceiver<Vec<String>>,
+        permits: UnboundedSender<()>,
     }
 
-    impl Gated {
-        async fn start(policy: BatchPolicy, workers: usize) -> Gated {
-            let (started_tx, started) = std_mpsc::channel();
-            let (permits, permits_rx) = std_mpsc::channel();
+    impl Harness {
+        async fn start(policy: BatchPolicy, workers: usize, gated: bool) -> Harness {
+            let (batches_tx, batches) = unbounded_channel();
+            let (permits, permits_rx) = unbounded_channel();
             let permits_rx = Arc::new(Mutex::new(permits_rx));
             let (batcher, _workers) = Batcher::start(policy, workers, move |_| {
                 Ok(Recorder {
-                    sizes: Arc::default(),
-                    gate: Some((started_tx.clone(), permits_rx.clone())),
+                    batches: batches_tx.clone(),
+                    permits: gated.then(|| permits_rx.clone()),
                 })
             })
             .await
             .unwrap();
-            Gated {
+            Harness {
                 batcher,
-                started,
+                batches,
                 permits,
             }
         }
 
-        /// Waits (in real time, off the runtime) until a batch has started; returns its size.
-        async fn next_started(&self) -> usize {
-            tokio::task::block_in_place(|| {
-                self.started
-                    .recv_timeout(Duration::from_secs(10))
-                    .expect("a batch started")
+        /// Sends a request in its own task.
+        fn spawn(
+            &self,
+            items: &[&str],
+            deadline: Option<Instant>,
+        ) -> tokio::task::JoinHandle<Result<Completed, ErrorBody>> {
+            let batcher = self.batcher.clone();
+            let inputs = texts(items);
+            tokio::spawn(async move {
+                batcher
+                    .infer(Task::Embed, inputs, InferOptions::default(), deadline)
+                    .await
             })
+        }
+
+        async fn infer(&self, items: &[&str]) -> Result<Completed, ErrorBody> {
+            self.batcher
+                .infer(Task::Embed, texts(items), InferOptions::default(), None)
+                .await
+        }
+
+        /// The texts of the next batch a worker started.
+        async fn next_batch(&mut self) -> Vec<String> {
+            self.batches.recv().await.expect("a batch started")
+        }
+
+        /// Yields until `n` inputs are queued (the spawned requests have arrived).
+        async fn wait_queued(&self, n: u64) {
+            while self.batcher.stats().queued.load(Ordering::Relaxed) != n {
+                tokio::task::yield_now().await;
+            }
+        }
+
+        fn release(&self, batches: usize) {
+            for _ in 0..batches {
+                self.permits.send(()).unwrap();
+            }
+        }
+    }
+
+    fn policy(max_size: usize) -> BatchPolicy {
+        BatchPolicy {
+            length_grouping: false,
+            ..BatchPolicy::new(max_size, 1000)
         }
     }
 
@@ -607,152 +891,331 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_batch_closes_as_soon_as_it_reaches_max_size() {
-        let (batcher, sizes) = recorder(policy(4, 3_600_000, 100)).await;
-        let started = Instant::now();
-        let one = |s: &str| batcher.infer(Task::Embed, texts(&[s]), InferOptions::default());
-        let (a, b, c, d) = tokio::join!(one("a"), one("b"), one("c"), one("d"));
-        for (result, expected) in [(a, "a"), (b, "b"), (c, "c"), (d, "d")] {
-            let completed = result.unwrap();
-            assert_eq!(text(&completed.outputs[0]), expected);
-            assert_eq!(completed.batch_size, 4);
-        }
-        assert_eq!(*sizes.lock().unwrap(), vec![4]);
-        // The latency bound (an hour) never fired: the batch left on size alone.
-        assert!(started.elapsed() < Duration::from_secs(1));
+    fn stat(batcher: &Batcher, counter: fn(&BatcherStats) -> &std::sync::atomic::AtomicU64) -> u64 {
+        counter(batcher.stats()).load(Ordering::Relaxed)
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_partial_batch_leaves_max_latency_after_its_first_input() {
-        let (batcher, sizes) = recorder(policy(100, 50, 1000)).await;
-        let started = Instant::now();
-        let first = batcher.infer(Task::Embed, texts(&["a"]), InferOptions::default());
-        let later = async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            batcher
-                .infer(Task::Embed, texts(&["b", "c"]), InferOptions::default())
-                .await
+    async fn an_idle_worker_starts_at_once_with_what_is_queued() {
+        let policy = BatchPolicy {
+            max_latency: Duration::from_secs(3600),
+            ..policy(8)
         };
-        let (first, later) = tokio::join!(first, later);
-        assert_eq!(first.unwrap().batch_size, 3);
-        assert_eq!(later.unwrap().outputs.len(), 2);
-        assert_eq!(*sizes.lock().unwrap(), vec![3]);
-        // Closed 50 ms after the first input, not after the second one.
+        let harness = Harness::start(policy, 1, false).await;
+        let started = Instant::now();
+        let completed = harness.infer(&["a"]).await.unwrap();
+        assert_eq!(text(&completed.outputs[0]), "a");
+        assert_eq!(completed.batch_size, 1);
+        // No timer fired: the batch of one left without waiting for company.
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_worker_is_busy_inputs_accumulate_up_to_max_size() {
+        let mut harness = Harness::start(policy(4), 1, true).await;
+        let first = harness.spawn(&["a"], None);
+        assert_eq!(harness.next_batch().await, ["a"]);
+        let rest: Vec<_> = ["b", "c", "d", "e", "f", "g", "h", "i", "j", "k"]
+            .into_iter()
+            .map(|t| harness.spawn(&[t], None))
+            .collect();
+        harness.wait_queued(10).await;
+        harness.release(4);
+        assert_eq!(harness.next_batch().await, ["b", "c", "d", "e"]);
+        assert_eq!(harness.next_batch().await, ["f", "g", "h", "i"]);
+        assert_eq!(harness.next_batch().await, ["j", "k"]);
+        assert_eq!(first.await.unwrap().unwrap().batch_size, 1);
+        for request in rest {
+            assert!(request.await.unwrap().unwrap().batch_size >= 2);
+        }
+        assert_eq!(harness.batcher.stats().mean_batch_size(), 11.0 / 4.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_stops_at_max_tokens_padded_tokens() {
+        let policy = BatchPolicy {
+            max_tokens: 12,
+            ..policy(8)
+        };
+        let mut harness = Harness::start(policy, 1, true).await;
+        let _busy = harness.spawn(&["x"], None);
+        harness.next_batch().await;
+        // Lengths 2, 2, 6, 2, 20: [2, 2] (adding the 6 would pad to 3 × 6 = 18), then
+        // [6, 2] (2 × 6 = 12), then the 20 alone: longer than the bound, but still computed.
+        let request = harness.spawn(&["bb", "cc", "dddddd", "ee", &"f".repeat(20)], None);
+        harness.wait_queued(5).await;
+        harness.release(4);
+        assert_eq!(harness.next_batch().await, ["bb", "cc"]);
+        assert_eq!(harness.next_batch().await, ["dddddd", "ee"]);
+        assert_eq!(harness.next_batch().await, ["f".repeat(20)]);
+        let completed = request.await.unwrap().unwrap();
+        assert_eq!(completed.outputs.len(), 5);
+        // Padded positions: 1 + 2×2 + 2×6 + 20 = 37, of which 1 + 4 + 8 + 20 = 33 were tokens.
+        assert_eq!(stat(&harness.batcher, |s| &s.padded_tokens), 37);
+        assert_eq!(stat(&harness.batcher, |s| &s.tokens), 33);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn min_size_waits_for_company_until_max_latency() {
+        let policy = BatchPolicy {
+            min_size: 3,
+            max_latency: Duration::from_millis(50),
+            ..policy(8)
+        };
+        let mut harness = Harness::start(policy, 1, false).await;
+        let started = Instant::now();
+        let first = harness.spawn(&["a"], None);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = harness.spawn(&["b"], None);
+        assert_eq!(first.await.unwrap().unwrap().batch_size, 2);
+        assert_eq!(second.await.unwrap().unwrap().batch_size, 2);
+        // Closed by the latency bound, 50 ms after the first input, not after the second.
         assert_eq!(started.elapsed(), Duration::from_millis(50));
+        assert_eq!(harness.next_batch().await, ["a", "b"]);
+
+        // Three inputs reach min_size: they start without waiting.
+        let started = Instant::now();
+        let completed = harness.infer(&["c", "d", "e"]).await.unwrap();
+        assert_eq!(completed.batch_size, 3);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_multi_input_request_counts_each_input_and_keeps_its_order() {
-        let (batcher, sizes) = recorder(policy(4, 10, 1000)).await;
-        let inputs: Vec<String> = (0..10).map(|i| format!("in{i}")).collect();
-        let small = batcher.infer(Task::Embed, texts(&["x", "y"]), InferOptions::default());
-        let big = batcher.infer(Task::Embed, inputs.clone(), InferOptions::default());
-        let (small, big) = tokio::join!(small, big);
-        let big = big.unwrap();
-        let got: Vec<&str> = big.outputs.iter().map(text).collect();
-        assert_eq!(got, inputs.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(big.batch_size, 4);
-        assert_eq!(small.unwrap().batch_size, 4);
-        // 12 inputs in batches of at most 4, the first one shared by both requests.
-        assert_eq!(*sizes.lock().unwrap(), vec![4, 4, 4]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn one_failing_input_fails_only_its_own_request() {
-        let (batcher, sizes) = recorder(policy(8, 10, 100)).await;
-        let run = |items: &'static [&'static str]| {
-            batcher.infer(Task::Embed, texts(items), InferOptions::default())
+    async fn min_size_does_not_wait_when_a_batch_is_full_by_tokens() {
+        let policy = BatchPolicy {
+            min_size: 4,
+            max_tokens: 10,
+            max_latency: Duration::from_secs(3600),
+            ..policy(8)
         };
-        let (a, b, c) = tokio::join!(run(&["ok1"]), run(&["x", "fail", "y"]), run(&["ok2"]));
-        assert_eq!(text(&a.unwrap().outputs[0]), "ok1");
-        assert_eq!(text(&c.unwrap().outputs[0]), "ok2");
-        let error = b.unwrap_err();
-        assert_eq!(error.kind, ErrorCode::ModelFailed);
-        assert_eq!(error.code, 500);
-        assert!(error.message.starts_with("input 1:"), "{}", error.message);
-        assert_eq!(*sizes.lock().unwrap(), vec![5]);
+        let harness = Harness::start(policy, 1, false).await;
+        let started = Instant::now();
+        // 6 and 12 tokens cannot share a batch of 10 tokens, and the 12 fills one alone:
+        // waiting for more inputs could not make either batch larger.
+        let completed = harness.infer(&["aaaaaa", "bbbbbbbbbbbb"]).await.unwrap();
+        assert_eq!(completed.batch_size, 1);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_panicking_model_fails_its_batch_and_keeps_serving() {
-        let (batcher, _) = recorder(policy(1, 1, 100)).await;
-        let error = batcher
-            .infer(Task::Embed, texts(&["panic"]), InferOptions::default())
-            .await
-            .unwrap_err();
-        assert_eq!(error.kind, ErrorCode::ModelFailed);
-        let after = batcher
-            .infer(Task::Embed, texts(&["fine"]), InferOptions::default())
-            .await;
-        assert_eq!(text(&after.unwrap().outputs[0]), "fine");
-    }
+    async fn inputs_whose_deadline_passed_in_the_queue_are_not_computed() {
+        let mut harness = Harness::start(policy(8), 1, true).await;
+        let busy = harness.spawn(&["busy"], None);
+        harness.next_batch().await;
+        let doomed = harness.spawn(
+            &["late1", "late2"],
+            Some(Instant::now() + Duration::from_millis(10)),
+        );
+        let patient = harness.spawn(&["patient"], Some(Instant::now() + Duration::from_secs(60)));
+        harness.wait_queued(3).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        harness.release(2);
+        // Only the request whose deadline has not passed reaches the model.
+        assert_eq!(harness.next_batch().await, ["patient"]);
+        let error = doomed.await.unwrap().unwrap_err();
+        assert_eq!(error.kind, ErrorCode::Timeout);
+        assert_eq!(error.code, 504);
+        assert!(error.message.contains("not computed"), "{}", error.message);
+        assert!(patient.await.unwrap().is_ok() && busy.await.unwrap().is_ok());
+        assert_eq!(stat(&harness.batcher, |s| &s.expired), 1);
+        assert_eq!(stat(&harness.batcher, |s| &s.inputs), 2);
 
-    #[tokio::test(start_paused = true)]
-    async fn unsupported_tasks_are_refused_before_queueing() {
-        let (batcher, sizes) = recorder(policy(4, 1, 100)).await;
-        let error = batcher
-            .infer(Task::FillMask, texts(&["a"]), InferOptions::default())
-            .await
-            .unwrap_err();
-        assert_eq!(error.kind, ErrorCode::UnsupportedTask);
-        assert!(sizes.lock().unwrap().is_empty());
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_full_queue_refuses_new_requests_as_overloaded() {
-        let gated = Gated::start(policy(2, 0, 4), 1).await;
-        let batcher = gated.batcher.clone();
-        let spawn = |items: &'static [&'static str]| {
-            let batcher = batcher.clone();
-            tokio::spawn(async move {
-                batcher
-                    .infer(Task::Embed, texts(items), InferOptions::default())
-                    .await
-            })
-        };
-        let first = spawn(&["a", "b"]);
-        assert_eq!(gated.next_started().await, 2); // the worker is now busy
-        let queued = [spawn(&["c", "d"]), spawn(&["e", "f"])];
-        // The queue holds 4 inputs; wait until both requests are in it.
-        while gated.batcher.stats().queued.load(Ordering::Relaxed) < 4 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let refused = gated
+        // A deadline already passed on arrival is refused without queueing.
+        let error = harness
             .batcher
-            .infer(Task::Embed, texts(&["g"]), InferOptions::default())
+            .infer(
+                Task::Embed,
+                texts(&["x"]),
+                InferOptions::default(),
+                Some(Instant::now()),
+            )
             .await
             .unwrap_err();
+        assert_eq!(error.kind, ErrorCode::Timeout);
+        assert_eq!(stat(&harness.batcher, |s| &s.expired), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_new_requests_as_overloaded() {
+        let policy = BatchPolicy {
+            queue_capacity: 4,
+            ..policy(2)
+        };
+        let mut harness = Harness::start(policy, 1, true).await;
+        let first = harness.spawn(&["a", "b"], None);
+        assert_eq!(harness.next_batch().await.len(), 2); // the worker is now busy
+        let queued = [
+            harness.spawn(&["c", "d"], None),
+            harness.spawn(&["e", "f"], None),
+        ];
+        harness.wait_queued(4).await;
+        let refused = harness.infer(&["g"]).await.unwrap_err();
         assert_eq!(refused.kind, ErrorCode::Overloaded);
         assert_eq!(refused.code, 503);
-        assert_eq!(gated.batcher.stats().rejected.load(Ordering::Relaxed), 1);
-        for _ in 0..3 {
-            gated.permits.send(()).unwrap();
-        }
+        assert_eq!(stat(&harness.batcher, |s| &s.rejected), 1);
+        harness.release(3);
         assert!(first.await.unwrap().is_ok());
         for request in queued {
             assert!(request.await.unwrap().is_ok());
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test(start_paused = true)]
     async fn two_workers_take_batches_from_one_queue() {
-        let gated = Gated::start(policy(1, 0, 100), 2).await;
-        let spawn = |item: &'static str| {
-            let batcher = gated.batcher.clone();
-            tokio::spawn(async move {
-                batcher
-                    .infer(Task::Embed, texts(&[item]), InferOptions::default())
-                    .await
-            })
-        };
-        let (a, b) = (spawn("a"), spawn("b"));
+        let mut harness = Harness::start(policy(1), 2, true).await;
+        let slow = harness.spawn(&["slow"], None);
+        let fast = harness.spawn(&["fast"], None);
         // Both batches are computing at once, so they went to different workers.
-        assert_eq!(gated.next_started().await, 1);
-        assert_eq!(gated.next_started().await, 1);
-        gated.permits.send(()).unwrap();
-        gated.permits.send(()).unwrap();
-        assert!(a.await.unwrap().is_ok() && b.await.unwrap().is_ok());
-        assert_eq!(gated.batcher.stats().batches.load(Ordering::Relaxed), 2);
+        let mut started = vec![harness.next_batch().await, harness.next_batch().await];
+        started.sort();
+        assert_eq!(started, [["fast"], ["slow"]]);
+        assert_eq!(stat(&harness.batcher, |s| &s.in_flight), 2);
+        harness.release(1);
+        // One worker is free again; it takes the next batch while the other still computes.
+        let one = harness.spawn(&["next"], None);
+        assert_eq!(harness.next_batch().await, ["next"]);
+        harness.release(2);
+        for request in [slow, fast, one] {
+            assert!(request.await.unwrap().is_ok());
+        }
+        assert_eq!(stat(&harness.batcher, |s| &s.batches), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn length_grouping_batches_similar_lengths_and_serves_the_oldest_first() {
+        let policy = BatchPolicy {
+            length_grouping: true,
+            ..policy(3)
+        };
+        let mut harness = Harness::start(policy, 1, true).await;
+        let _busy = harness.spawn(&["x"], None);
+        harness.next_batch().await;
+        let long = "l".repeat(10);
+        let items = [long.as_str(), "s1", &long, "s2", &long, "s3", "s4"];
+        let request = harness.spawn(&items, None);
+        harness.wait_queued(7).await;
+        harness.release(4);
+        // The oldest input is long, so the long ones go first, then the short ones in order.
+        assert_eq!(
+            harness.next_batch().await,
+            [long.clone(), long.clone(), long.clone()]
+        );
+        assert_eq!(harness.next_batch().await, ["s1", "s2", "s3"]);
+        assert_eq!(harness.next_batch().await, ["s4"]);
+        let completed = request.await.unwrap().unwrap();
+        let got: Vec<&str> = completed.outputs.iter().map(text).collect();
+        assert_eq!(got, items, "outputs keep the request's order");
+        // No padding at all after the first batch of one.
+        assert_eq!(harness.batcher.stats().padding_ratio(), 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn length_grouping_never_passes_over_the_oldest_input() {
+        let policy = BatchPolicy {
+            length_grouping: true,
+            ..policy(2)
+        };
+        let mut harness = Harness::start(policy, 1, true).await;
+        let _busy = harness.spawn(&["x"], None);
+        harness.next_batch().await;
+        let long = "l".repeat(30);
+        let old = harness.spawn(&[&long], None);
+        harness.wait_queued(1).await;
+        let shorts = harness.spawn(&["a", "b", "c", "d", "e"], None);
+        harness.wait_queued(6).await;
+        harness.release(4);
+        let first = harness.next_batch().await;
+        assert!(
+            first.contains(&long),
+            "the oldest input goes next: {first:?}"
+        );
+        assert!(old.await.unwrap().is_ok() && shorts.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_multi_input_request_is_split_over_batches_and_keeps_its_order() {
+        let mut harness = Harness::start(policy(4), 1, true).await;
+        let _busy = harness.spawn(&["x"], None);
+        harness.next_batch().await;
+        let inputs: Vec<String> = (0..10).map(|i| format!("in{i}")).collect();
+        let small = harness.spawn(&["y", "z"], None);
+        harness.wait_queued(2).await;
+        let big = harness.spawn(&inputs.iter().map(String::as_str).collect::<Vec<_>>(), None);
+        harness.wait_queued(12).await;
+        harness.release(4);
+        let big = big.await.unwrap().unwrap();
+        let got: Vec<&str> = big.outputs.iter().map(text).collect();
+        assert_eq!(got, inputs.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(big.batch_size, 4);
+        assert_eq!(small.await.unwrap().unwrap().batch_size, 4);
+        // The first batch is shared by both requests.
+        assert_eq!(harness.next_batch().await, ["y", "z", "in0", "in1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_failing_input_fails_only_its_own_request() {
+        let mut harness = Harness::start(policy(8), 1, true).await;
+        let _busy = harness.spawn(&["x"], None);
+        harness.next_batch().await;
+        let a = harness.spawn(&["ok1"], None);
+        let b = harness.spawn(&["x", "fail", "y"], None);
+        let c = harness.spawn(&["ok2"], None);
+        harness.wait_queued(5).await;
+        harness.release(2);
+        assert_eq!(harness.next_batch().await.len(), 5);
+        assert_eq!(text(&a.await.unwrap().unwrap().outputs[0]), "ok1");
+        assert_eq!(text(&c.await.unwrap().unwrap().outputs[0]), "ok2");
+        let error = b.await.unwrap().unwrap_err();
+        assert_eq!(error.kind, ErrorCode::ModelFailed);
+        assert_eq!(error.code, 500);
+        assert!(error.message.starts_with("input 1:"), "{}", error.message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inputs_that_cannot_be_prepared_fail_before_queueing() {
+        let mut harness = Harness::start(policy(8), 1, false).await;
+        let error = harness.infer(&["fine", "unpreparable"]).await.unwrap_err();
+        assert_eq!(error.kind, ErrorCode::InvalidInput);
+        assert_eq!(error.message, "input 1: cannot prepare");
+        assert_eq!(stat(&harness.batcher, |s| &s.batches), 0);
+        assert!(harness.batches.try_recv().is_err(), "the model saw nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_model_fails_its_batch_and_keeps_serving() {
+        let harness = Harness::start(policy(1), 1, false).await;
+        let error = harness.infer(&["panic"]).await.unwrap_err();
+        assert_eq!(error.kind, ErrorCode::ModelFailed);
+        let after = harness.infer(&["fine"]).await;
+        assert_eq!(text(&after.unwrap().outputs[0]), "fine");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unsupported_tasks_are_refused_before_queueing() {
+        let harness = Harness::start(policy(4), 1, false).await;
+        let error = harness
+            .batcher
+            .infer(Task::FillMask, texts(&["a"]), InferOptions::default(), None)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, ErrorCode::UnsupportedTask);
+        assert_eq!(stat(&harness.batcher, |s| &s.batches), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_wait_and_compute_times_are_recorded() {
+        let mut harness = Harness::start(policy(4), 1, true).await;
+        let busy = harness.spawn(&["x"], None);
+        harness.next_batch().await;
+        let waiting = harness.spawn(&["y"], None);
+        harness.wait_queued(1).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        harness.release(2);
+        assert!(busy.await.unwrap().is_ok() && waiting.await.unwrap().is_ok());
+        let stats = harness.batcher.stats();
+        assert_eq!(stats.queue_wait.count(), 2);
+        // One input waited 0 s, the other the 30 ms the worker was held.
+        assert!((stats.queue_wait.sum_seconds() - 0.030).abs() < 0.001);
+        assert_eq!(stats.compute.count(), 2);
     }
 }

@@ -115,8 +115,13 @@ pub struct ModelConfig {
     pub path: PathBuf,
     /// `bert`: `cpu` or `cuda`.
     pub device: DeviceKind,
-    /// `bert` on `cuda`: GPU indices; one model worker per GPU.
+    /// `bert` on `cuda`: GPU indices, each running `workers_per_device` model replicas.
+    /// `sim` treats each entry as a simulated accelerator the same way; the CPU has one.
     pub devices: Vec<usize>,
+    /// Model replicas per device, each with its own worker thread, all pulling batches from
+    /// one shared queue. On the CPU, replicas share the cores (burn's backend already uses
+    /// all of them), so more than one only helps hide the worker's own gaps.
+    pub workers_per_device: usize,
     /// `sim`: fixed cost of one batch, in milliseconds.
     pub batch_ms: f64,
     /// `sim`: cost of each input of a batch, in milliseconds.
@@ -130,42 +135,70 @@ impl Default for ModelConfig {
             path: PathBuf::from("models/all-MiniLM-L6-v2"),
             device: DeviceKind::Cpu,
             devices: vec![0],
+            workers_per_device: 1,
             batch_ms: 10.0,
             item_ms: 0.5,
         }
     }
 }
 
-/// `[batch]`
+/// `[batch]`: how the scheduler forms batches (see the `batcher` module).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchConfig {
-    /// A batch closes when it holds this many inputs.
+    /// Most inputs in one batch.
     pub max_size: usize,
-    /// ... or this long after its first input arrived, whichever comes first.
+    /// Most padded tokens in one batch (inputs × the longest input's tokens). An input longer
+    /// than this on its own is computed alone.
+    pub max_tokens: usize,
+    /// An idle worker waits for this many queued inputs (or for `max_latency_ms`) before it
+    /// starts; 1 starts at once with whatever is queued.
+    pub min_size: usize,
+    /// How long a queued input may wait for a batch to reach `min_size`.
     pub max_latency_ms: u64,
     /// Most inputs waiting for a batch; beyond it requests get an `overloaded` reply.
     pub queue_capacity: usize,
+    /// Batch queued inputs of similar length together (less padding); the oldest input is
+    /// always in the next batch, so long inputs are not starved.
+    pub length_grouping: bool,
+    /// How many of the oldest queued inputs length grouping chooses from.
+    pub grouping_window: usize,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             max_size: 32,
+            max_tokens: 16_384,
+            min_size: 1,
             max_latency_ms: 5,
             queue_capacity: 4096,
+            length_grouping: true,
+            grouping_window: 256,
         }
     }
 }
 
 impl ModelConfig {
-    /// How many model workers to start: one per GPU, or one on the CPU (whose backend
-    /// already uses every core).
-    pub fn workers(&self) -> usize {
+    /// How many devices the workers are spread over: the listed GPUs (or simulated
+    /// accelerators for `sim`), else the one CPU.
+    fn device_slots(&self) -> usize {
         match (self.kind, self.device) {
-            (ModelKind::Bert, DeviceKind::Cuda) => self.devices.len(),
+            (ModelKind::Bert, DeviceKind::Cuda) | (ModelKind::Sim, _) => self.devices.len(),
             _ => 1,
         }
+    }
+
+    /// How many model workers to start: `workers_per_device` on each device.
+    pub fn workers(&self) -> usize {
+        self.device_slots() * self.workers_per_device
+    }
+
+    /// The GPU index that worker `worker` runs on (worker `i` is slot `i % workers_per_device`
+    /// of device `devices[i / workers_per_device]`).
+    pub fn device_index(&self, worker: usize) -> usize {
+        let slot = worker / self.workers_per_device.max(1);
+        self.devices.get(slot).copied().unwrap_or(0)
     }
 }
 
@@ -283,8 +316,38 @@ impl Config {
                 return Err(invalid("model.devices", "list at least one GPU index"));
             }
         }
+        if self.model.kind == ModelKind::Sim && self.model.devices.is_empty() {
+            return Err(invalid(
+                "model.devices",
+                "list at least one simulated device",
+            ));
+        }
+        if self.model.workers_per_device == 0 {
+            return Err(invalid("model.workers_per_device", "must be at least 1"));
+        }
         if self.batch.max_size == 0 {
             return Err(invalid("batch.max_size", "must be at least 1"));
+        }
+        if self.batch.min_size == 0 || self.batch.min_size > self.batch.max_size {
+            return Err(invalid(
+                "batch.min_size",
+                format!(
+                    "{} must be between 1 and batch.max_size ({})",
+                    self.batch.min_size, self.batch.max_size
+                ),
+            ));
+        }
+        if self.batch.max_tokens == 0 {
+            return Err(invalid("batch.max_tokens", "must be at least 1"));
+        }
+        if self.batch.grouping_window < self.batch.max_size {
+            return Err(invalid(
+                "batch.grouping_window",
+                format!(
+                    "{} is smaller than batch.max_size ({}); length grouping needs at least one batch to choose from",
+                    self.batch.grouping_window, self.batch.max_size
+                ),
+            ));
         }
         if self.batch.queue_capacity < self.batch.max_size {
             return Err(invalid(

@@ -7,6 +7,7 @@ pub mod batcher;
 pub mod config;
 pub mod model;
 mod service;
+pub mod stats;
 
 pub use config::Config;
 pub use service::{run, Processor, ProcessorHandle};

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use async_nats::service::{endpoint::Endpoint, Request, Service, ServiceExt};
@@ -16,6 +17,7 @@ use futures::StreamExt;
 use schemas::{
     decode, encode, headers, Encoding, ErrorBody, ErrorCode, InferReply, InferRequest, Task,
 };
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -65,11 +67,7 @@ impl Processor {
     /// Loads the model, connects to NATS and registers the service. When this returns, the
     /// endpoints are subscribed on the server and requests will be answered.
     pub async fn start(config: Config) -> anyhow::Result<Processor> {
-        let policy = BatchPolicy {
-            max_size: config.batch.max_size,
-            max_latency: config.batch.max_latency(),
-            queue_capacity: config.batch.queue_capacity,
-        };
+        let policy = BatchPolicy::from(&config.batch);
         let model_config = config.model.clone();
         let workers = config.model.workers();
         let (batcher, workers) = Batcher::start(policy, workers, move |index| {
@@ -102,15 +100,10 @@ impl Processor {
                 .queue_group(&config.service.queue_group)
                 .metadata(metadata)
                 .stats_handler(move |_endpoint, _stats| {
-                    serde_json::json!({
-                        "replies_ok": reply_stats.ok.load(Ordering::Relaxed),
-                        "replies_error": reply_stats.errors.load(Ordering::Relaxed),
-                        "batches": batcher_stats.batches.load(Ordering::Relaxed),
-                        "inputs": batcher_stats.inputs.load(Ordering::Relaxed),
-                        "mean_batch_size": batcher_stats.mean_batch_size(),
-                        "rejected_overloaded": batcher_stats.rejected.load(Ordering::Relaxed),
-                        "queued_inputs": batcher_stats.queued.load(Ordering::Relaxed),
-                    })
+                    let mut data = batcher_stats.to_json();
+                    data["replies_ok"] = reply_stats.ok.load(Ordering::Relaxed).into();
+                    data["replies_error"] = reply_stats.errors.load(Ordering::Relaxed).into();
+                    data
                 })
                 .start(&config.service.name, env!("CARGO_PKG_VERSION"))
                 .await
@@ -254,6 +247,7 @@ async fn serve_endpoint(
 }
 
 async fn handle(route: Route, request: Request, context: Arc<Context>) {
+    let received = Instant::now();
     let message = &request.message;
     let content_type = message
         .headers
@@ -275,7 +269,7 @@ async fn handle(route: Route, request: Request, context: Arc<Context>) {
             return reply(&request, encoding, Err(error), &context.stats).await;
         }
     };
-    let result = context.infer(task, &message.payload, encoding).await;
+    let result = context.infer(task, message, encoding, received).await;
     reply(&request, encoding, result, &context.stats).await
 }
 
@@ -283,19 +277,21 @@ impl Context {
     async fn infer(
         &self,
         task: Task,
-        payload: &[u8],
+        message: &async_nats::Message,
         encoding: Encoding,
+        received: Instant,
     ) -> Result<InferReply, ErrorBody> {
-        let request: InferRequest = decode(encoding, payload).map_err(|e| {
+        let request: InferRequest = decode(encoding, &message.payload).map_err(|e| {
             ErrorBody::new(
                 ErrorCode::MalformedRequest,
                 format!("the payload is not a valid request: {e}"),
             )
         })?;
+        let deadline = deadline(message.headers.as_ref(), &request, received)?;
         self.check(&request)?;
         let completed = self
             .batcher
-            .infer(task, request.inputs, request.options)
+            .infer(task, request.inputs, request.options, deadline)
             .await?;
         Ok(InferReply {
             outputs: completed.outputs,
@@ -377,6 +373,44 @@ async fn reply(
     {
         tracing::warn!(%err, subject = %request.message.subject, "could not send a reply (no reply inbox?)");
     }
+}
+
+/// When the request stops being worth computing: the earliest of its `Request-Timeout-Ms`
+/// header and `timeout_ms` field (budgets counted from `received`) and its
+/// `Request-Deadline-Ms` header (an absolute Unix time).
+fn deadline(
+    message_headers: Option<&HeaderMap>,
+    request: &InferRequest,
+    received: Instant,
+) -> Result<Option<Instant>, ErrorBody> {
+    let header = |name: &str| -> Result<Option<u64>, ErrorBody> {
+        let Some(value) = message_headers.and_then(|h| h.get(name)) else {
+            return Ok(None);
+        };
+        value.as_str().trim().parse().map(Some).map_err(|_| {
+            ErrorBody::new(
+                ErrorCode::MalformedRequest,
+                format!("header {name} must be a whole number of milliseconds, not {value:?}"),
+            )
+        })
+    };
+    let mut deadline: Option<Instant> = None;
+    let mut earliest = |candidate: Instant| {
+        deadline = Some(deadline.map_or(candidate, |d| d.min(candidate)));
+    };
+    for budget in [header(headers::REQUEST_TIMEOUT_MS)?, request.timeout_ms] {
+        if let Some(ms) = budget {
+            earliest(received + Duration::from_millis(ms));
+        }
+    }
+    if let Some(unix_ms) = header(headers::REQUEST_DEADLINE_MS)? {
+        let at = UNIX_EPOCH + Duration::from_millis(unix_ms);
+        let left = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        earliest(Instant::now() + left);
+    }
+    Ok(deadline)
 }
 
 /// Header values are single lines.

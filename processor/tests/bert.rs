@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use processor::model::bert::BertModel;
-use processor::model::{cpu_device, BatchModel, ModelInput};
+use processor::model::{cpu_device, BatchModel};
 use schemas::{ErrorCode, InferOptions, Output, Task};
 
 fn load(dir: &std::path::Path) -> BertModel {
@@ -18,14 +18,7 @@ fn run(
     texts: &[&str],
     options: InferOptions,
 ) -> Vec<Result<Output, processor::model::InputError>> {
-    let inputs: Vec<ModelInput<'_>> = texts
-        .iter()
-        .map(|text| ModelInput {
-            text,
-            options: &options,
-        })
-        .collect();
-    model.run(task, &inputs)
+    model.run_texts(task, texts, &options)
 }
 
 fn embedding(output: &Output) -> &[f32] {

@@ -191,6 +191,9 @@ impl Client {
         let encoding = self.options.encoding;
         let mut request_headers = HeaderMap::new();
         request_headers.insert(headers::CONTENT_TYPE, encoding.media_type());
+        // The processor drops the request instead of computing it after we stop waiting.
+        let budget_ms = self.options.timeout.as_millis().max(1).to_string();
+        request_headers.insert(headers::REQUEST_TIMEOUT_MS, budget_ms.as_str());
         let request = async_nats::Request::new()
             .payload(payload)
             .headers(request_headers)

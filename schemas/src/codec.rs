@@ -192,10 +192,12 @@ mod tests {
             inputs in prop::collection::vec(".{0,40}", 0..6),
             top_k in prop::option::of(0u32..100),
             normalize in prop::option::of(any::<bool>()),
+            timeout_ms in prop::option::of(any::<u64>()),
         ) {
             let request = InferRequest {
                 inputs,
                 options: InferOptions { top_k, normalize, truncate: None },
+                timeout_ms,
             };
             for encoding in [Encoding::Cbor, Encoding::Json] {
                 let bytes = encode(encoding, &request).unwrap();

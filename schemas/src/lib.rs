@@ -23,6 +23,13 @@ pub mod headers {
     pub const SERVICE_ERROR: &str = "Nats-Service-Error";
     /// Set on error replies: the numeric error code (NATS micro convention).
     pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+    /// On requests: the requester's time budget in milliseconds, counted from when a
+    /// processor receives the message. A request still queued when it runs out is not
+    /// computed and gets a `timeout` error. No clock agreement is needed.
+    pub const REQUEST_TIMEOUT_MS: &str = "Request-Timeout-Ms";
+    /// On requests: an absolute deadline, Unix time in milliseconds (for requesters whose
+    /// clocks agree with the processors', or requests that wait in a stream).
+    pub const REQUEST_DEADLINE_MS: &str = "Request-Deadline-Ms";
 }
 
 /// Media types for [`headers::CONTENT_TYPE`].

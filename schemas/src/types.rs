@@ -12,6 +12,10 @@ pub struct InferRequest {
     /// Task options; every field is optional.
     #[serde(default, skip_serializing_if = "InferOptions::is_default")]
     pub options: InferOptions,
+    /// Time budget in milliseconds, counted from when a processor receives the request (as
+    /// the `Request-Timeout-Ms` header; the earlier of the two applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 impl InferRequest {
@@ -20,6 +24,7 @@ impl InferRequest {
         InferRequest {
             inputs: inputs.into_iter().map(Into::into).collect(),
             options: InferOptions::default(),
+            timeout_ms: None,
         }
     }
 }

@@ -2,7 +2,9 @@
 
 use schemas::{Output, Task};
 
-use super::{BatchModel, InputError, ModelInput};
+use std::sync::Arc;
+
+use super::{BatchModel, InputError, ModelInput, Prepare, WordCount};
 
 /// The model that answers each input with its own text.
 #[derive(Debug, Clone, Copy, Default)]
@@ -15,6 +17,10 @@ impl BatchModel for EchoModel {
 
     fn supports(&self, _task: Task) -> bool {
         true
+    }
+
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        Arc::new(WordCount)
     }
 
     fn run(&mut self, _task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {

@@ -1,11 +1,12 @@
 //! `sim`: a simulated accelerator. A batch of n inputs takes `batch_ms + item_ms * n` of wall
 //! time spent asleep (as a GPU-bound worker's CPU thread is), then echoes its inputs.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use schemas::{Output, Task};
 
-use super::{BatchModel, EchoModel, InputError, ModelInput};
+use super::{BatchModel, EchoModel, InputError, ModelInput, Prepare, WordCount};
 
 /// Echo with a configurable per-batch and per-input cost.
 #[derive(Debug, Clone)]
@@ -38,6 +39,10 @@ impl BatchModel for SimModel {
         true
     }
 
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        Arc::new(WordCount)
+    }
+
     fn run(&mut self, task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
         std::thread::sleep(self.batch_time(inputs.len()));
         EchoModel.run(task, inputs)
@@ -53,16 +58,8 @@ mod tests {
     #[test]
     fn a_batch_takes_its_simulated_time_and_echoes() {
         let mut model = SimModel::new(Duration::from_millis(20), Duration::from_millis(5));
-        let options = InferOptions::default();
-        let inputs: Vec<_> = ["a", "b", "c"]
-            .iter()
-            .map(|text| ModelInput {
-                text,
-                options: &options,
-            })
-            .collect();
         let started = Instant::now();
-        let outputs = model.run(Task::Embed, &inputs);
+        let outputs = model.run_texts(Task::Embed, &["a", "b", "c"], &InferOptions::default());
         assert!(started.elapsed() >= Duration::from_millis(35));
         assert_eq!(outputs[2], Ok(Output::Text { text: "c".into() }));
     }

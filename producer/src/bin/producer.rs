@@ -137,6 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let request = InferRequest {
             inputs: texts.to_vec(),
             options: request_options,
+            timeout_ms: None,
         };
         async move { client.request(task, &request).await }
     });

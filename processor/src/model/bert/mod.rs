@@ -12,9 +12,10 @@ mod tokenize;
 mod weights;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::prelude::*;
-use schemas::{ErrorCode, FillMaskOutput, MaskPrediction, Output, Task};
+use schemas::{ErrorCode, FillMaskOutput, InferOptions, MaskPrediction, Output, Task};
 
 pub use config::{BertConfig, CheckpointConfig, Pooling};
 pub use tokenize::{BertTokenizer, Tokens};
@@ -22,7 +23,7 @@ pub use tokenize::{BertTokenizer, Tokens};
 use self::embeddings::BertEmbeddings;
 use self::encoder::BertEncoder;
 use self::heads::MaskedLmHead;
-use super::{BatchModel, InputError, ModelInput};
+use super::{BatchModel, InputError, ModelInput, Prepare, Prepared};
 
 /// Added to attention scores of padding keys: exp() of it is exactly 0 in f32.
 const PADDING_BIAS: f32 = -1e9;
@@ -73,7 +74,7 @@ pub struct BertModel {
     name: String,
     device: Device,
     config: CheckpointConfig,
-    tokenizer: BertTokenizer,
+    preparer: Arc<BertPreparer>,
     embeddings: BertEmbeddings,
     encoder: BertEncoder,
     mlm: Option<MaskedLmHead>,
@@ -110,11 +111,15 @@ impl BertModel {
             .ok()
             .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "bert".to_string());
+        let preparer = Arc::new(BertPreparer {
+            tokenizer,
+            vocab_size: config.bert.vocab_size as u32,
+        });
         Ok(BertModel {
             name,
             device: device.clone(),
             config,
-            tokenizer,
+            preparer,
             embeddings,
             encoder,
             mlm,
@@ -123,7 +128,7 @@ impl BertModel {
 
     /// The tokenizer.
     pub fn tokenizer(&self) -> &BertTokenizer {
-        &self.tokenizer
+        &self.preparer.tokenizer
     }
 
     /// Whether the checkpoint has a masked-LM head.
@@ -136,7 +141,7 @@ impl BertModel {
         let len = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(batch.len() * len);
         let mut mask = Vec::with_capacity(batch.len() * len);
-        let pad = self.tokenizer.pad_id() as i64;
+        let pad = self.preparer.tokenizer.pad_id() as i64;
         for row in batch {
             ids.extend(row.iter().map(|&id| id as i64));
             ids.extend(std::iter::repeat_n(pad, len - row.len()));
@@ -235,108 +240,60 @@ impl BertModel {
     }
 
     fn run_embed(&self, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
-        let tokens: Vec<_> = inputs
+        let batch: Vec<&[u32]> = inputs.iter().map(|i| i.prepared.ids.as_slice()).collect();
+        let normalize: Vec<bool> = inputs
             .iter()
-            .map(|input| {
-                self.tokenizer
-                    .encode(input.text, input.options.truncate.unwrap_or(false))
-            })
+            .map(|i| i.options.normalize.unwrap_or(true))
             .collect();
-        let (batch, normalize): (Vec<&[u32]>, Vec<bool>) = tokens
-            .iter()
-            .zip(inputs)
-            .filter_map(|(t, input)| {
-                let t = t.as_ref().ok()?;
-                Some((t.ids.as_slice(), input.options.normalize.unwrap_or(true)))
-            })
-            .unzip();
-        let mut embeddings = self.embed(&batch, &normalize).into_iter();
-        tokens
+        self.embed(&batch, &normalize)
             .into_iter()
-            .map(|t| {
-                t.map(|_| Output::Embedding {
-                    embedding: embeddings.next().expect("one embedding per valid input"),
-                })
-            })
+            .map(|embedding| Ok(Output::Embedding { embedding }))
             .collect()
     }
 
     fn run_fill_mask(&self, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
-        let Some(mask_id) = self.tokenizer.mask_id() else {
+        let tokenizer = &self.preparer.tokenizer;
+        let Some(mask_id) = tokenizer.mask_id() else {
             let error = InputError::new(
                 ErrorCode::UnsupportedTask,
                 "the vocabulary has no [MASK] token",
             );
             return vec![Err(error); inputs.len()];
         };
-        let vocab = self.config.bert.vocab_size as u32;
-        let prepared: Vec<Result<MaskedInput, InputError>> = inputs
+        let batch: Vec<&[u32]> = inputs.iter().map(|i| i.prepared.ids.as_slice()).collect();
+        let masks: Vec<Vec<usize>> = batch
             .iter()
-            .map(|input| {
-                let top_k = input.options.top_k.unwrap_or(DEFAULT_TOP_K);
-                if top_k == 0 || top_k > vocab {
-                    return Err(InputError::new(
-                        ErrorCode::InvalidInput,
-                        format!("top_k must be between 1 and {vocab}, not {top_k}"),
-                    ));
-                }
-                let tokens = self
-                    .tokenizer
-                    .encode(input.text, input.options.truncate.unwrap_or(false))?;
-                let masks: Vec<usize> = (0..tokens.ids.len())
-                    .filter(|&i| tokens.ids[i] == mask_id)
-                    .collect();
-                if masks.is_empty() {
-                    return Err(InputError::new(
-                        ErrorCode::InvalidInput,
-                        format!(
-                            "the input has no {} token to fill",
-                            self.tokenizer.mask_token()
-                        ),
-                    ));
-                }
-                Ok(MaskedInput {
-                    tokens,
-                    masks,
-                    top_k,
-                })
-            })
+            .map(|ids| (0..ids.len()).filter(|&p| ids[p] == mask_id).collect())
             .collect();
-        let mut batch = Vec::new();
-        let mut positions = Vec::new();
-        for item in prepared.iter().flatten() {
-            let row = batch.len();
-            batch.push(item.tokens.ids.as_slice());
-            positions.extend(item.masks.iter().map(|&p| (row, p)));
-        }
+        let positions: Vec<(usize, usize)> = masks
+            .iter()
+            .enumerate()
+            .flat_map(|(row, masks)| masks.iter().map(move |&p| (row, p)))
+            .collect();
         let logits = self
             .mask_logits(&batch, &positions)
             .expect("fill_mask only runs on checkpoints with an MLM head");
         let mut logits = logits.into_iter();
-        prepared
-            .into_iter()
-            .zip(inputs)
-            .map(|(item, input)| {
-                let MaskedInput {
-                    tokens,
-                    masks,
-                    top_k,
-                } = item?;
+        inputs
+            .iter()
+            .zip(&masks)
+            .map(|(input, masks)| {
+                let top_k = input.options.top_k.unwrap_or(DEFAULT_TOP_K) as usize;
                 let predictions: Vec<Vec<MaskPrediction>> = masks
                     .iter()
                     .map(|_| {
                         let row = logits.next().expect("one row per mask");
-                        top_k_softmax(&row, top_k as usize)
+                        top_k_softmax(&row, top_k)
                             .into_iter()
                             .map(|(id, score)| MaskPrediction {
-                                token: self.tokenizer.token(id),
+                                token: tokenizer.token(id),
                                 token_id: id,
                                 score,
                             })
                             .collect()
                     })
                     .collect();
-                let sequence = fill_in(input.text, &tokens, &masks, &predictions);
+                let sequence = fill_in(input.text, &input.prepared.offsets, masks, &predictions);
                 Ok(Output::FillMask(FillMaskOutput {
                     masks: predictions,
                     sequence,
@@ -346,12 +303,59 @@ impl BertModel {
     }
 }
 
-/// A `fill_mask` input ready for the model.
-struct MaskedInput {
-    tokens: Tokens,
-    /// Token positions of the masks.
-    masks: Vec<usize>,
-    top_k: u32,
+/// Tokenises and checks inputs for a BERT checkpoint, on the request tasks.
+pub struct BertPreparer {
+    tokenizer: BertTokenizer,
+    vocab_size: u32,
+}
+
+impl Prepare for BertPreparer {
+    fn prepare(
+        &self,
+        task: Task,
+        text: &str,
+        options: &InferOptions,
+    ) -> Result<Prepared, InputError> {
+        let truncate = options.truncate.unwrap_or(false);
+        match task {
+            Task::Embed => {
+                let Tokens { ids, .. } = self.tokenizer.encode(text, truncate)?;
+                Ok(Prepared {
+                    tokens: ids.len(),
+                    ids,
+                    offsets: Vec::new(),
+                })
+            }
+            Task::FillMask => {
+                let top_k = options.top_k.unwrap_or(DEFAULT_TOP_K);
+                if top_k == 0 || top_k > self.vocab_size {
+                    return Err(InputError::new(
+                        ErrorCode::InvalidInput,
+                        format!(
+                            "top_k must be between 1 and {}, not {top_k}",
+                            self.vocab_size
+                        ),
+                    ));
+                }
+                let Tokens { ids, offsets } = self.tokenizer.encode(text, truncate)?;
+                let mask_id = self.tokenizer.mask_id();
+                if mask_id.is_none() || !ids.iter().any(|&id| Some(id) == mask_id) {
+                    return Err(InputError::new(
+                        ErrorCode::InvalidInput,
+                        format!(
+                            "the input has no {} token to fill",
+                            self.tokenizer.mask_token()
+                        ),
+                    ));
+                }
+                Ok(Prepared {
+                    tokens: ids.len(),
+                    ids,
+                    offsets,
+                })
+            }
+        }
+    }
 }
 
 /// The `k` most likely tokens with their probabilities (softmax over the whole row,
@@ -381,14 +385,14 @@ pub fn top_k_softmax(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 /// The input text with each mask's span replaced by its best token (`##` pieces joined).
 fn fill_in(
     text: &str,
-    tokens: &Tokens,
+    offsets: &[(usize, usize)],
     masks: &[usize],
     predictions: &[Vec<MaskPrediction>],
 ) -> String {
     let mut filled = text.to_string();
     // Replace from the end so earlier byte offsets stay valid.
     for (&position, candidates) in masks.iter().zip(predictions).rev() {
-        let (start, end) = tokens.offsets[position];
+        let (start, end) = offsets[position];
         let Some(best) = candidates.first() else {
             continue;
         };
@@ -412,7 +416,7 @@ impl BatchModel for BertModel {
     fn supports(&self, task: Task) -> bool {
         match task {
             Task::Embed => true,
-            Task::FillMask => self.mlm.is_some() && self.tokenizer.mask_id().is_some(),
+            Task::FillMask => self.mlm.is_some() && self.preparer.tokenizer.mask_id().is_some(),
         }
     }
 
@@ -422,6 +426,10 @@ impl BatchModel for BertModel {
              serve a BertForMaskedLM checkpoint on another subject prefix for that",
             self.name
         )
+    }
+
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        self.preparer.clone()
     }
 
     fn run(&mut self, task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {

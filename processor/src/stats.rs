@@ -1,0 +1,220 @@
+//! The scheduler's statistics: lock-free counters and fixed-bucket histograms, read for the
+//! NATS micro `$SRV.STATS` data (and by the metrics exporter).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// Upper bounds of the time histogram buckets, in seconds (Prometheus' defaults, extended
+/// down to 100 µs because an idle queue hands a batch over in microseconds).
+pub const TIME_BUCKETS: [f64; 15] = [
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A histogram of durations with fixed buckets ([`TIME_BUCKETS`] plus one for larger).
+#[derive(Debug)]
+pub struct Histogram {
+    counts: [AtomicU64; TIME_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        let bucket = TIME_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(TIME_BUCKETS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(value.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Observations per bucket (not cumulative); the last bucket is everything above 10 s.
+    pub fn counts(&self) -> Vec<u64> {
+        self.counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.counts().iter().sum()
+    }
+
+    /// Sum of all observations, in seconds.
+    pub fn sum_seconds(&self) -> f64 {
+        self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    /// Upper bound of the bucket holding the `q`-quantile (`None` when empty, infinity when it
+    /// falls in the last bucket): an estimate good to one bucket.
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let counts = self.counts();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(TIME_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        Some(f64::INFINITY)
+    }
+
+    /// The histogram as JSON: count, sum, mean, p50/p99 bucket bounds and the buckets.
+    pub fn to_json(&self) -> Value {
+        let count = self.count();
+        let sum = self.sum_seconds();
+        let bound = |q| {
+            self.quantile_bound(q).map(|b| {
+                if b.is_finite() {
+                    json!(b)
+                } else {
+                    json!("+Inf")
+                }
+            })
+        };
+        json!({
+            "count": count,
+            "sum_seconds": sum,
+            "mean_seconds": if count == 0 { 0.0 } else { sum / count as f64 },
+            "p50_le_seconds": bound(0.5),
+            "p99_le_seconds": bound(0.99),
+            "bucket_le_seconds": TIME_BUCKETS,
+            "bucket_counts": self.counts(),
+        })
+    }
+}
+
+/// What the scheduler has done so far.
+#[derive(Debug, Default)]
+pub struct BatcherStats {
+    /// Batches given to the model.
+    pub batches: AtomicU64,
+    /// Inputs computed, summed over batches.
+    pub inputs: AtomicU64,
+    /// Tokens of the inputs computed (what the requests asked for).
+    pub tokens: AtomicU64,
+    /// Token positions computed: each batch's inputs × its longest input.
+    pub padded_tokens: AtomicU64,
+    /// Requests refused because the queue was full.
+    pub rejected: AtomicU64,
+    /// Requests answered with `timeout` because their deadline passed before their batch.
+    pub expired: AtomicU64,
+    /// Inputs waiting for a batch right now.
+    pub queued: AtomicU64,
+    /// Batches being computed right now.
+    pub in_flight: AtomicU64,
+    /// How long each input waited in the queue before its batch started.
+    pub queue_wait: Histogram,
+    /// How long each batch took the model.
+    pub compute: Histogram,
+}
+
+impl BatcherStats {
+    /// Mean inputs per batch so far (0 before the first batch).
+    pub fn mean_batch_size(&self) -> f64 {
+        ratio(
+            self.inputs.load(Ordering::Relaxed),
+            self.batches.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Share of the computed token positions that were padding (0 before the first batch).
+    pub fn padding_ratio(&self) -> f64 {
+        let padded = self.padded_tokens.load(Ordering::Relaxed);
+        let real = self.tokens.load(Ordering::Relaxed);
+        if padded == 0 {
+            return 0.0;
+        }
+        padded.saturating_sub(real) as f64 / padded as f64
+    }
+
+    /// Records a batch handed to a worker.
+    pub(crate) fn record_batch(&self, inputs: usize, tokens: usize, longest: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.inputs.fetch_add(inputs as u64, Ordering::Relaxed);
+        self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+        self.padded_tokens
+            .fetch_add((inputs * longest) as u64, Ordering::Relaxed);
+    }
+
+    /// Every figure as JSON (the `$SRV.STATS` endpoint data).
+    pub fn to_json(&self) -> Value {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "batches": load(&self.batches),
+            "inputs": load(&self.inputs),
+            "mean_batch_size": self.mean_batch_size(),
+            "tokens": load(&self.tokens),
+            "padded_tokens": load(&self.padded_tokens),
+            "padding_ratio": self.padding_ratio(),
+            "rejected_overloaded": load(&self.rejected),
+            "expired": load(&self.expired),
+            "queued_inputs": load(&self.queued),
+            "in_flight_batches": load(&self.in_flight),
+            "queue_wait": self.queue_wait.to_json(),
+            "compute": self.compute.to_json(),
+        })
+    }
+}
+
+fn ratio(numerator: u64, denominator: u64) -> f64 {
+    if denominator == 0 {
+        0.0
+    } else {
+        numerator as f64 / denominator as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_sum_and_quantiles() {
+        let histogram = Histogram::default();
+        assert_eq!(histogram.quantile_bound(0.5), None);
+        for ms in [0.05, 0.8, 0.9, 3.0, 20_000.0] {
+            histogram.observe(Duration::from_secs_f64(ms / 1000.0));
+        }
+        let counts = histogram.counts();
+        assert_eq!(counts[0], 1); // ≤ 100 µs
+        assert_eq!(counts[2], 2); // ≤ 1 ms
+        assert_eq!(counts[4], 1); // ≤ 5 ms
+        assert_eq!(counts[TIME_BUCKETS.len()], 1); // > 10 s
+        assert_eq!(histogram.count(), 5);
+        assert!((histogram.sum_seconds() - 20.00475).abs() < 1e-6);
+        assert_eq!(histogram.quantile_bound(0.5), Some(0.001));
+        assert_eq!(histogram.quantile_bound(1.0), Some(f64::INFINITY));
+        assert_eq!(histogram.to_json()["p99_le_seconds"], "+Inf");
+    }
+
+    #[test]
+    fn padding_ratio_is_the_padded_share_of_computed_positions() {
+        let stats = BatcherStats::default();
+        assert_eq!(stats.padding_ratio(), 0.0);
+        // Two inputs of 2 and 6 tokens pad to 2 × 6 = 12 positions, 4 of them padding.
+        stats.record_batch(2, 8, 6);
+        assert!((stats.padding_ratio() - 4.0 / 12.0).abs() < 1e-12);
+        assert_eq!(stats.mean_batch_size(), 2.0);
+        assert_eq!(stats.to_json()["padded_tokens"], 12);
+    }
+}
