@@ -321,3 +321,234 @@ async fn shutdown_answers_every_request_already_taken() {
         assert_eq!(reply.model, "sim");
     }
 }
+
+/// What a flood request is, and so which reply it must get.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// One or two good inputs: echoed back, or refused as overloaded (503).
+    Good,
+    /// Not CBOR or JSON: 400 `malformed_request`.
+    Malformed,
+    /// `inputs: []`: 400 `invalid_input`.
+    Empty,
+    /// A subject that names no task: 404 `unknown_task`.
+    UnknownTask,
+    /// `Request-Timeout-Ms: 0`: 504 `timeout`, never computed.
+    Expired,
+}
+
+impl Kind {
+    fn of(i: usize) -> Kind {
+        match i % 25 {
+            3 => Kind::Malformed,
+            7 => Kind::Empty,
+            11 => Kind::UnknownTask,
+            17 => Kind::Expired,
+            _ => Kind::Good,
+        }
+    }
+}
+
+/// Publishes `n` requests of every kind as fast as possible to two processors, each with its
+/// own reply subject, and checks that each gets exactly one reply, and the right one.
+async fn flood(model: ModelKind, n: usize, queue_capacity: usize) -> (usize, usize) {
+    let server = NatsServer::start();
+    let tweak = |c: &mut Config| {
+        c.model.kind = model;
+        c.model.batch_ms = 2.0;
+        c.model.item_ms = 0.05;
+        c.batch.max_size = 16;
+        c.batch.queue_capacity = queue_capacity;
+        c.service.max_inputs = 16;
+    };
+    let first = start_processor(&server.url(), tweak).await;
+    let second = start_processor(&server.url(), tweak).await;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let mut replies = nats.subscribe("flood.>").await.unwrap();
+    nats.flush().await.unwrap();
+
+    for i in 0..n {
+        let kind = Kind::of(i);
+        let mut request_headers = HeaderMap::new();
+        request_headers.insert(headers::CONTENT_TYPE, schemas::media_types::JSON);
+        let mut subject = "bert.embed".to_string();
+        let payload: Vec<u8> = match kind {
+            Kind::Good if i % 2 == 0 => format!(r#"{{"inputs":["r{i}"]}}"#).into(),
+            Kind::Good => format!(r#"{{"inputs":["r{i}","r{i}b"]}}"#).into(),
+            Kind::Malformed => b"{not json".to_vec(),
+            Kind::Empty => br#"{"inputs":[]}"#.to_vec(),
+            Kind::UnknownTask => {
+                subject = "bert.summarise".into();
+                format!(r#"{{"inputs":["r{i}"]}}"#).into()
+            }
+            Kind::Expired => {
+                request_headers.insert(headers::REQUEST_TIMEOUT_MS, "0");
+                format!(r#"{{"inputs":["r{i}"]}}"#).into()
+            }
+        };
+        nats.publish_with_reply_and_headers(
+            subject,
+            format!("flood.{i}"),
+            request_headers,
+            payload.into(),
+        )
+        .await
+        .unwrap();
+    }
+    nats.flush().await.unwrap();
+
+    let mut seen = vec![0u32; n];
+    let (mut ok, mut overloaded) = (0, 0);
+    // Everything should be answered; then wait a little longer for any duplicate.
+    let mut answered = 0;
+    while answered < n {
+        let message = tokio::time::timeout(Duration::from_secs(20), replies.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {answered} of {n} requests were answered"))
+            .unwrap();
+        let i: usize = message.subject.rsplit('.').next().unwrap().parse().unwrap();
+        seen[i] += 1;
+        answered += 1;
+        let kind = Kind::of(i);
+        let code = header(&message, headers::SERVICE_ERROR_CODE);
+        match code {
+            None => {
+                assert_eq!(kind, Kind::Good, "request {i} should have failed");
+                let reply: schemas::InferReply = decode(Encoding::Json, &message.payload).unwrap();
+                let expected: Vec<Output> = if i % 2 == 0 {
+                    vec![Output::Text {
+                        text: format!("r{i}"),
+                    }]
+                } else {
+                    vec![
+                        Output::Text {
+                            text: format!("r{i}"),
+                        },
+                        Output::Text {
+                            text: format!("r{i}b"),
+                        },
+                    ]
+                };
+                assert_eq!(reply.outputs, expected, "request {i} got another's outputs");
+                ok += 1;
+            }
+            Some(code) => {
+                let body: ErrorBody = decode(Encoding::Json, &message.payload).unwrap();
+                assert_eq!(code, body.code.to_string(), "header and body agree");
+                let expected = match kind {
+                    Kind::Good => ErrorCode::Overloaded,
+                    Kind::Malformed => ErrorCode::MalformedRequest,
+                    Kind::Empty => ErrorCode::InvalidInput,
+                    Kind::UnknownTask => ErrorCode::UnknownTask,
+                    Kind::Expired => ErrorCode::Timeout,
+                };
+                assert_eq!(
+                    body.kind, expected,
+                    "request {i} ({kind:?}): {}",
+                    body.message
+                );
+                assert_eq!(body.code, expected.status());
+                if kind == Kind::Good {
+                    overloaded += 1;
+                }
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(50), replies.next()).await
+    {
+        let i: usize = message.subject.rsplit('.').next().unwrap().parse().unwrap();
+        seen[i] += 1;
+    }
+    let duplicated: Vec<usize> = (0..n).filter(|&i| seen[i] != 1).collect();
+    assert!(
+        duplicated.is_empty(),
+        "answered more than once: {duplicated:?}"
+    );
+
+    // The processors counted what they did: every computed or refused request is in STATS.
+    let stats = service_stats(&nats, "bert-processor").await;
+    assert_eq!(stats.len(), 2);
+    let total = |key: &str| -> u64 {
+        stats
+            .iter()
+            .map(|s| s["endpoints"][0]["data"][key].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let expired = (0..n).filter(|&i| Kind::of(i) == Kind::Expired).count() as u64;
+    assert_eq!(total("expired"), expired);
+    assert_eq!(total("rejected_overloaded"), overloaded as u64);
+    first.shutdown().await.unwrap();
+    second.shutdown().await.unwrap();
+    (ok, overloaded)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_under_a_flood_answers_every_request_once_with_the_right_code() {
+    let (ok, overloaded) = flood(ModelKind::Echo, 3000, 4096).await;
+    assert_eq!(overloaded, 0, "the queue was large enough");
+    assert_eq!(ok, (0..3000).filter(|&i| Kind::of(i) == Kind::Good).count());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_under_a_flood_answers_every_request_once_and_sheds_load_as_overloaded() {
+    // Two slow processors with room for 32 inputs each: most of 3000 requests sent at once
+    // are refused with 503, every other one is computed, and none is lost.
+    let (ok, overloaded) = flood(ModelKind::Sim, 3000, 32).await;
+    assert!(overloaded > 0, "a 32-input queue must overflow");
+    assert!(ok > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_sends_its_timeout_so_abandoned_requests_are_not_computed() {
+    let server = NatsServer::start();
+    let processor = start_processor(&server.url(), |c| {
+        c.model.kind = ModelKind::Sim;
+        c.model.batch_ms = 400.0;
+        c.batch.max_size = 1;
+    })
+    .await;
+    let patient = Client::connect(&server.url()).await.unwrap();
+    let hasty = Client::connect_with(
+        &server.url(),
+        ClientOptions {
+            timeout: Duration::from_millis(100),
+            retries: 0,
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // The first request holds the only worker for 400 ms; the hasty ones give up at 100 ms.
+    let first = tokio::spawn(async move {
+        patient
+            .request(Task::Embed, &InferRequest::new(["first"]))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let hasty_requests = (0..3).map(|i| {
+        let hasty = hasty.clone();
+        async move {
+            hasty
+                .request(Task::Embed, &InferRequest::new([format!("hasty {i}")]))
+                .await
+        }
+    });
+    for result in futures::future::join_all(hasty_requests).await {
+        assert!(
+            matches!(result, Err(producer::Error::TimedOut { .. })),
+            "{result:?}"
+        );
+    }
+    assert!(first.await.unwrap().is_ok());
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let stats = service_stats(&nats, "bert-processor").await;
+    let data = &stats[0]["endpoints"][0]["data"];
+    assert_eq!(data["expired"], 3, "{data}");
+    assert_eq!(
+        data["inputs"], 1,
+        "only the patient request was computed: {data}"
+    );
+    processor.shutdown().await.unwrap();
+}
