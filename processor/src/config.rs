@@ -457,6 +457,50 @@ mod tests {
     }
 
     #[test]
+    fn scheduler_keys_are_checked_against_each_other() {
+        for (key, value, named) in [
+            ("PROCESSOR_BATCH__MIN_SIZE", "64", "batch.min_size"),
+            ("PROCESSOR_BATCH__MIN_SIZE", "0", "batch.min_size"),
+            ("PROCESSOR_BATCH__MAX_TOKENS", "0", "batch.max_tokens"),
+            (
+                "PROCESSOR_BATCH__GROUPING_WINDOW",
+                "8",
+                "batch.grouping_window",
+            ),
+            (
+                "PROCESSOR_MODEL__WORKERS_PER_DEVICE",
+                "0",
+                "model.workers_per_device",
+            ),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env(key, value);
+                let err = Config::from_figment(&Config::figment(None).unwrap()).unwrap_err();
+                assert!(err.to_string().contains(named), "{key}={value}: {err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn workers_are_spread_over_devices_in_slots() {
+        let mut model = ModelConfig {
+            kind: ModelKind::Sim,
+            devices: vec![4, 7],
+            workers_per_device: 3,
+            ..ModelConfig::default()
+        };
+        assert_eq!(model.workers(), 6);
+        let gpus: Vec<usize> = (0..6).map(|w| model.device_index(w)).collect();
+        assert_eq!(gpus, [4, 4, 4, 7, 7, 7]);
+        // One CPU device, whatever `devices` lists.
+        model.kind = ModelKind::Bert;
+        assert_eq!(model.workers(), 3);
+        model.workers_per_device = 1;
+        assert_eq!(model.workers(), 1);
+    }
+
+    #[test]
     fn a_named_config_file_must_exist() {
         let err = Config::figment(Some(Path::new("/nonexistent/p.toml"))).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/p.toml"), "{err}");

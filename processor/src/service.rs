@@ -398,10 +398,11 @@ fn deadline(
     let mut earliest = |candidate: Instant| {
         deadline = Some(deadline.map_or(candidate, |d| d.min(candidate)));
     };
-    for budget in [header(headers::REQUEST_TIMEOUT_MS)?, request.timeout_ms] {
-        if let Some(ms) = budget {
-            earliest(received + Duration::from_millis(ms));
-        }
+    for ms in [header(headers::REQUEST_TIMEOUT_MS)?, request.timeout_ms]
+        .into_iter()
+        .flatten()
+    {
+        earliest(received + Duration::from_millis(ms));
     }
     if let Some(unix_ms) = header(headers::REQUEST_DEADLINE_MS)? {
         let at = UNIX_EPOCH + Duration::from_millis(unix_ms);

@@ -57,7 +57,7 @@ async fn two_processors_answer_2000_concurrent_requests_each_with_its_own_reply(
     let second = start_processor(&server.url(), |_| {}).await;
     let client = Client::connect(&server.url()).await.unwrap();
 
-    let requests = (0..2000).map(|i| {
+    let requests = (0..2000u32).map(|i| {
         let client = client.clone();
         async move {
             // Every tenth request carries two inputs, and tasks alternate.
@@ -66,7 +66,7 @@ async fn two_processors_answer_2000_concurrent_requests_each_with_its_own_reply(
             } else {
                 vec![format!("req {i}")]
             };
-            let task = if i % 2 == 0 {
+            let task = if i.is_multiple_of(2) {
                 Task::Embed
             } else {
                 Task::FillMask
@@ -168,7 +168,7 @@ async fn bad_input_gets_an_error_reply_and_the_next_request_is_answered() {
         Encoding,
     );
     #[rustfmt::skip]
-    let cases: [Case; 8] = [
+    let cases: [Case; 10] = [
         ("bert.embed", b"\x00\xffnot cbor", None, ErrorCode::MalformedRequest, 400, Encoding::Cbor),
         ("bert.embed", br#"{"inputs": ["unterminated"#, None, ErrorCode::MalformedRequest, 400, Encoding::Json),
         ("bert.embed", br#"{"inputs": 5}"#, None, ErrorCode::MalformedRequest, 400, Encoding::Json),
@@ -177,6 +177,8 @@ async fn bad_input_gets_an_error_reply_and_the_next_request_is_answered() {
         ("bert.embed", br#"{"inputs": ["ok", ""]}"#, None, ErrorCode::InvalidInput, 400, Encoding::Json),
         ("bert.embed", br#"{"inputs": ["a", "b", "c", "d"]}"#, None, ErrorCode::TooLarge, 413, Encoding::Json),
         ("bert.translate", br#"{"inputs": ["hello"]}"#, None, ErrorCode::UnknownTask, 404, Encoding::Json),
+        ("bert.embed", br#"{"inputs": ["x"], "timeout_ms": "soon"}"#, None, ErrorCode::MalformedRequest, 400, Encoding::Json),
+        ("bert.embed", br#"{"inputs": ["x"], "timeout_ms": 0}"#, None, ErrorCode::Timeout, 504, Encoding::Json),
     ];
     for (subject, payload, content_type, kind, code, encoding) in cases {
         let what = format!("{subject} {:?}", String::from_utf8_lossy(payload));
@@ -373,7 +375,7 @@ async fn flood(model: ModelKind, n: usize, queue_capacity: usize) -> (usize, usi
         request_headers.insert(headers::CONTENT_TYPE, schemas::media_types::JSON);
         let mut subject = "bert.embed".to_string();
         let payload: Vec<u8> = match kind {
-            Kind::Good if i % 2 == 0 => format!(r#"{{"inputs":["r{i}"]}}"#).into(),
+            Kind::Good if i.is_multiple_of(2) => format!(r#"{{"inputs":["r{i}"]}}"#).into(),
             Kind::Good => format!(r#"{{"inputs":["r{i}","r{i}b"]}}"#).into(),
             Kind::Malformed => b"{not json".to_vec(),
             Kind::Empty => br#"{"inputs":[]}"#.to_vec(),
@@ -415,7 +417,7 @@ async fn flood(model: ModelKind, n: usize, queue_capacity: usize) -> (usize, usi
             None => {
                 assert_eq!(kind, Kind::Good, "request {i} should have failed");
                 let reply: schemas::InferReply = decode(Encoding::Json, &message.payload).unwrap();
-                let expected: Vec<Output> = if i % 2 == 0 {
+                let expected: Vec<Output> = if i.is_multiple_of(2) {
                     vec![Output::Text {
                         text: format!("r{i}"),
                     }]
