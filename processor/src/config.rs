@@ -30,6 +30,8 @@ pub struct Config {
     pub model: ModelConfig,
     /// How requests are grouped into batches.
     pub batch: BatchConfig,
+    /// The durable transport (used when `service.transport = "jetstream"`).
+    pub jetstream: JetStreamConfig,
 }
 
 /// `[nats]`
@@ -67,6 +69,70 @@ pub struct ServiceConfig {
     /// ignores known tasks); turn it off to save that and let unknown subjects get "no
     /// responders".
     pub reply_unknown_tasks: bool,
+    /// `core` (request/reply in a queue group) or `jetstream` (a durable work queue).
+    pub transport: Transport,
+}
+
+/// How requests reach the processors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Core NATS request/reply: at most once, lowest latency.
+    Core,
+    /// A JetStream work-queue stream with one durable pull consumer shared by all
+    /// processors: a request held by a processor that dies is redelivered to another.
+    Jetstream,
+}
+
+/// `[jetstream]`: the stream and consumer, created at start if missing (an existing one is
+/// used as it is).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JetStreamConfig {
+    /// Stream name; it captures `{service.subject_prefix}.>`.
+    pub stream: String,
+    /// Durable pull consumer shared by every processor.
+    pub consumer: String,
+    /// A message not acked within this long is redelivered (long batches send progress acks).
+    pub ack_wait_ms: u64,
+    /// Deliveries of one message before it gets an error reply and is terminated.
+    pub max_deliver: u32,
+    /// Redelivery delay after a failed batch.
+    pub nak_delay_ms: u64,
+    /// Stream limits: most messages, bytes and age held (new requests are refused beyond).
+    pub max_messages: i64,
+    /// See `max_messages`.
+    pub max_bytes: i64,
+    /// See `max_messages`.
+    pub max_age_s: u64,
+    /// Window in which a retried publish with the same `Nats-Msg-Id` is dropped.
+    pub duplicate_window_s: u64,
+    /// Stream replicas (3 on a 3-node cluster).
+    pub replicas: usize,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            stream: "BERT_REQUESTS".to_string(),
+            consumer: "bert-processors".to_string(),
+            ack_wait_ms: 30_000,
+            max_deliver: 3,
+            nak_delay_ms: 1_000,
+            max_messages: 1_000_000,
+            max_bytes: 1 << 30,
+            max_age_s: 3_600,
+            duplicate_window_s: 120,
+            replicas: 1,
+        }
+    }
+}
+
+impl JetStreamConfig {
+    /// `ack_wait_ms` as a duration.
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_millis(self.ack_wait_ms)
+    }
 }
 
 impl Default for ServiceConfig {
@@ -78,6 +144,7 @@ impl Default for ServiceConfig {
             max_inputs: 256,
             max_input_bytes: 64 * 1024,
             reply_unknown_tasks: true,
+            transport: Transport::Core,
         }
     }
 }
@@ -315,6 +382,31 @@ impl Config {
             if self.model.devices.is_empty() {
                 return Err(invalid("model.devices", "list at least one GPU index"));
             }
+        }
+        let js = &self.jetstream;
+        for (key, name) in [
+            ("jetstream.stream", &js.stream),
+            ("jetstream.consumer", &js.consumer),
+        ] {
+            if name.is_empty()
+                || name
+                    .chars()
+                    .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+            {
+                return Err(invalid(
+                    key,
+                    format!("{name:?} must be one word without `.`, `*`, `>`, slashes or spaces"),
+                ));
+            }
+        }
+        if js.ack_wait_ms < 100 {
+            return Err(invalid("jetstream.ack_wait_ms", "must be at least 100"));
+        }
+        if js.max_deliver == 0 {
+            return Err(invalid("jetstream.max_deliver", "must be at least 1"));
+        }
+        if js.replicas == 0 || js.replicas > 5 {
+            return Err(invalid("jetstream.replicas", "must be between 1 and 5"));
         }
         if self.model.kind == ModelKind::Sim && self.model.devices.is_empty() {
             return Err(invalid(

@@ -5,6 +5,7 @@
 
 pub mod batcher;
 pub mod config;
+mod jetstream;
 pub mod model;
 mod service;
 pub mod stats;

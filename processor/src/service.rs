@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::batcher::{BatchPolicy, Batcher, Workers};
-use crate::config::{Config, ServiceConfig};
+use crate::config::{Config, ServiceConfig, Transport};
+use crate::jetstream;
 use crate::model;
 
 /// What an endpoint serves.
@@ -36,25 +37,33 @@ enum Route {
 
 /// Request counters shown in `$SRV.STATS` next to the batcher's.
 #[derive(Debug, Default)]
-struct ReplyStats {
+pub(crate) struct ReplyStats {
     ok: AtomicU64,
     errors: AtomicU64,
 }
 
 /// What every request task needs.
-struct Context {
-    batcher: Batcher,
+pub(crate) struct Context {
+    pub(crate) batcher: Batcher,
     limits: ServiceConfig,
-    stats: Arc<ReplyStats>,
+    pub(crate) stats: Arc<ReplyStats>,
 }
 
 /// A started processor: model loaded, endpoints subscribed. Call [`Processor::run_until`].
 pub struct Processor {
     client: async_nats::Client,
     service: Service,
-    endpoints: Vec<(Route, Endpoint)>,
+    intake: Intake,
     context: Arc<Context>,
     workers: Workers,
+}
+
+/// Where requests come from.
+enum Intake {
+    /// Service endpoints in the queue group.
+    Core(Vec<(Route, Endpoint)>),
+    /// The durable pull consumer of the work-queue stream.
+    JetStream(jetstream::Intake),
 }
 
 /// Starts a processor and serves until `shutdown` completes, then stops taking requests,
@@ -111,28 +120,14 @@ impl Processor {
         };
 
         let prefix = &config.service.subject_prefix;
-        let mut endpoints = Vec::new();
-        for task in Task::ALL {
-            let endpoint = service
-                .endpoint_builder()
-                .name(task.as_str())
-                .add(schemas::subject(prefix, task))
-                .await
-                .map_err(|e| anyhow::anyhow!("adding the {task} endpoint: {e}"))?;
-            endpoints.push((Route::Task(task), endpoint));
-        }
-        if config.service.reply_unknown_tasks {
-            // A queue group of its own: this subscription also matches the known subjects,
-            // and must not take those messages away from their endpoints.
-            let endpoint = service
-                .endpoint_builder()
-                .name("unknown_task")
-                .queue_group(format!("{}.unknown_task", config.service.queue_group))
-                .add(format!("{prefix}.*"))
-                .await
-                .map_err(|e| anyhow::anyhow!("adding the unknown-task endpoint: {e}"))?;
-            endpoints.push((Route::UnknownTask, endpoint));
-        }
+        let intake = match config.service.transport {
+            Transport::Core => Intake::Core(add_endpoints(&service, &config.service).await?),
+            Transport::Jetstream => Intake::JetStream(
+                jetstream::Intake::start(&client, &config)
+                    .await
+                    .context("setting up the JetStream stream and consumer")?,
+            ),
+        };
         client
             .flush()
             .await
@@ -142,12 +137,13 @@ impl Processor {
             url = %url,
             prefix = %prefix,
             queue_group = %config.service.queue_group,
+            transport = ?config.service.transport,
             "processor ready"
         );
         Ok(Processor {
             client,
             service,
-            endpoints,
+            intake,
             context: Arc::new(Context {
                 batcher,
                 limits: config.service,
@@ -172,14 +168,26 @@ impl Processor {
         let stop = CancellationToken::new();
         let requests = TaskTracker::new();
         let mut loops = tokio::task::JoinSet::new();
-        for (route, endpoint) in self.endpoints {
-            loops.spawn(serve_endpoint(
-                route,
-                endpoint,
-                self.context.clone(),
-                requests.clone(),
-                stop.clone(),
-            ));
+        match self.intake {
+            Intake::Core(endpoints) => {
+                for (route, endpoint) in endpoints {
+                    loops.spawn(serve_endpoint(
+                        route,
+                        endpoint,
+                        self.context.clone(),
+                        requests.clone(),
+                        stop.clone(),
+                    ));
+                }
+            }
+            Intake::JetStream(intake) => {
+                loops.spawn(intake.serve(
+                    self.client.clone(),
+                    self.context.clone(),
+                    requests.clone(),
+                    stop.clone(),
+                ));
+            }
         }
         shutdown.await;
         tracing::info!("shutting down: no new requests, answering the ones held");
@@ -200,6 +208,37 @@ impl Processor {
         tracing::info!("processor stopped");
         Ok(())
     }
+}
+
+/// One endpoint per task in the queue group, plus the unknown-task catch-all.
+async fn add_endpoints(
+    service: &Service,
+    config: &ServiceConfig,
+) -> anyhow::Result<Vec<(Route, Endpoint)>> {
+    let prefix = &config.subject_prefix;
+    let mut endpoints = Vec::new();
+    for task in Task::ALL {
+        let endpoint = service
+            .endpoint_builder()
+            .name(task.as_str())
+            .add(schemas::subject(prefix, task))
+            .await
+            .map_err(|e| anyhow::anyhow!("adding the {task} endpoint: {e}"))?;
+        endpoints.push((Route::Task(task), endpoint));
+    }
+    if config.reply_unknown_tasks {
+        // A queue group of its own: this subscription also matches the known subjects,
+        // and must not take those messages away from their endpoints.
+        let endpoint = service
+            .endpoint_builder()
+            .name("unknown_task")
+            .queue_group(format!("{}.unknown_task", config.queue_group))
+            .add(format!("{prefix}.*"))
+            .await
+            .map_err(|e| anyhow::anyhow!("adding the unknown-task endpoint: {e}"))?;
+        endpoints.push((Route::UnknownTask, endpoint));
+    }
+    Ok(endpoints)
 }
 
 /// A processor serving in the background (see [`Processor::spawn`]).
@@ -274,7 +313,9 @@ async fn handle(route: Route, request: Request, context: Arc<Context>) {
 }
 
 impl Context {
-    async fn infer(
+    /// Decodes, checks and computes one request message. `received` is when the deadline
+    /// budget (`Request-Timeout-Ms`, `timeout_ms`) starts.
+    pub(crate) async fn infer(
         &self,
         task: Task,
         message: &async_nats::Message,
@@ -347,9 +388,21 @@ async fn reply(
     result: Result<InferReply, ErrorBody>,
     stats: &ReplyStats,
 ) {
+    let (reply_headers, body) = reply_message(encoding, &result, stats);
+    if let Err(err) = request.respond_with_headers(Ok(body), reply_headers).await {
+        tracing::warn!(%err, subject = %request.message.subject, "could not send a reply (no reply inbox?)");
+    }
+}
+
+/// The headers and body of a reply (success or error), counted in `stats`.
+pub(crate) fn reply_message(
+    encoding: Encoding,
+    result: &Result<InferReply, ErrorBody>,
+    stats: &ReplyStats,
+) -> (HeaderMap, bytes::Bytes) {
     let mut reply_headers = HeaderMap::new();
     reply_headers.insert(headers::CONTENT_TYPE, encoding.media_type());
-    let body = match &result {
+    let body = match result {
         Ok(reply) => {
             stats.ok.fetch_add(1, Ordering::Relaxed);
             encode(encoding, reply)
@@ -367,12 +420,7 @@ async fn reply(
         tracing::error!(%e, "encoding a reply");
         format!("could not encode the reply: {e}").into_bytes()
     });
-    if let Err(err) = request
-        .respond_with_headers(Ok(body.into()), reply_headers)
-        .await
-    {
-        tracing::warn!(%err, subject = %request.message.subject, "could not send a reply (no reply inbox?)");
-    }
+    (reply_headers, body.into())
 }
 
 /// When the request stops being worth computing: the earliest of its `Request-Timeout-Ms`

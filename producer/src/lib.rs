@@ -8,19 +8,36 @@
 use std::time::Duration;
 
 use async_nats::{HeaderMap, RequestErrorKind};
+use futures::StreamExt;
 use schemas::{
     decode, encode, headers, Encoding, ErrorBody, ErrorCode, FillMaskOutput, InferReply,
     InferRequest, Output, Task,
 };
 
+/// How requests travel to the processors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// Core NATS request/reply to the processors' queue group (lowest latency, at most once).
+    #[default]
+    Core,
+    /// Published into the processors' JetStream work-queue stream with a reply inbox: the
+    /// request survives a processor dying while it holds it.
+    Jetstream,
+}
+
 /// How requests are sent.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
+    /// Core request/reply or the durable JetStream work queue (the processors' own
+    /// `service.transport` must match).
+    pub transport: Transport,
     /// Subject prefix of the service (`bert` unless the deployment chose another).
     pub prefix: String,
-    /// How long one attempt waits for its reply.
+    /// How long one attempt waits for its reply. With JetStream, how long to wait for the
+    /// reply once the stream has stored the request (it is not sent again).
     pub timeout: Duration,
-    /// Attempts after the first one, for retryable failures.
+    /// Attempts after the first one, for retryable failures (with JetStream: publishing
+    /// attempts; a retried publish carries the same `Nats-Msg-Id` and is stored once).
     pub retries: u32,
     /// Base of the exponential backoff between attempts (full jitter, capped at 2 s).
     pub backoff: Duration,
@@ -31,6 +48,7 @@ pub struct ClientOptions {
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
+            transport: Transport::Core,
             prefix: schemas::DEFAULT_SUBJECT_PREFIX.to_string(),
             timeout: Duration::from_secs(10),
             retries: 3,
@@ -172,6 +190,9 @@ impl Client {
         let encoding = self.options.encoding;
         let payload = encode(encoding, request).map_err(|e| Error::BadReply(e.to_string()))?;
         let payload = bytes::Bytes::from(payload);
+        if self.options.transport == Transport::Jetstream {
+            return self.request_durable(&subject, payload).await;
+        }
         let attempts = self.options.retries + 1;
         let mut attempt = 0;
         loop {
@@ -215,42 +236,73 @@ impl Client {
                 }
             }
         };
-        let reply_encoding = Encoding::detect(
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(headers::CONTENT_TYPE))
-                .map(|v| v.as_str()),
-            &message.payload,
-        );
-        let error_code = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::SERVICE_ERROR_CODE))
-            .map(|v| v.to_string());
-        if let Some(code) = error_code {
-            let body = decode::<ErrorBody>(reply_encoding, &message.payload).unwrap_or_else(|_| {
-                // A service that is not ours (or a proxy) may send only the headers.
-                let text = message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(headers::SERVICE_ERROR))
-                    .map(|v| v.to_string())
-                    .unwrap_or_default();
-                let mut body = ErrorBody::new(ErrorCode::Internal, text);
-                body.code = code.trim().parse().unwrap_or(500);
-                body
-            });
-            return if body.kind.is_retryable() {
-                Attempt::Retry(Error::Service(body))
-            } else {
-                Attempt::Done(Err(Error::Service(body)))
+        parse_reply(&message)
+    }
+
+    /// Publishes the request into the stream (retrying the publish, de-duplicated by its
+    /// message id) and waits for the reply on a fresh inbox.
+    async fn request_durable(
+        &self,
+        subject: &str,
+        payload: bytes::Bytes,
+    ) -> Result<InferReply, Error> {
+        let inbox = self.nats.new_inbox();
+        let mut replies = self
+            .nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        let message_id = inbox.rsplit('.').next().unwrap_or(&inbox).to_string();
+        let mut request_headers = HeaderMap::new();
+        request_headers.insert(headers::CONTENT_TYPE, self.options.encoding.media_type());
+        request_headers.insert(headers::REPLY_INBOX, inbox.as_str());
+        request_headers.insert(headers::MESSAGE_ID, message_id.as_str());
+        let budget_ms = self.options.timeout.as_millis().max(1).to_string();
+        request_headers.insert(headers::REQUEST_TIMEOUT_MS, budget_ms.as_str());
+
+        let jetstream = async_nats::jetstream::new(self.nats.clone());
+        let attempts = self.options.retries + 1;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let stored = match jetstream
+                .publish_with_headers(
+                    subject.to_string(),
+                    request_headers.clone(),
+                    payload.clone(),
+                )
+                .await
+            {
+                Ok(ack) => tokio::time::timeout(self.options.timeout, ack)
+                    .await
+                    .map_err(|_| "no acknowledgement from the stream".to_string())
+                    .and_then(|ack| ack.map_err(|e| e.to_string())),
+                Err(e) => Err(e.to_string()),
             };
+            match stored {
+                Ok(_) => break,
+                Err(_) if attempt < attempts => {
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                }
+                Err(message) => {
+                    return Err(Error::Transport(format!(
+                        "publishing to the stream on {subject} ({attempt} attempts): {message}"
+                    )))
+                }
+            }
         }
-        Attempt::Done(
-            decode::<InferReply>(reply_encoding, &message.payload)
-                .map_err(|e| Error::BadReply(e.to_string())),
-        )
+        match tokio::time::timeout(self.options.timeout, replies.next()).await {
+            Ok(Some(message)) => match parse_reply(&message) {
+                Attempt::Done(result) => result,
+                Attempt::Retry(error) => Err(error),
+            },
+            Ok(None) => Err(Error::Transport("the reply subscription closed".into())),
+            Err(_) => Err(Error::TimedOut {
+                subject: subject.to_string(),
+                timeout: self.options.timeout,
+                attempts: 1,
+            }),
+        }
     }
 
     /// Full-jitter exponential backoff: uniform in [0, min(2 s, base * 2^(attempt-1))].
@@ -263,4 +315,45 @@ impl Client {
             .min(cap);
         ceiling.mul_f64(fastrand::f64())
     }
+}
+
+/// A reply message as the request's result: the decoded reply, or the error it carries
+/// (retryable or not).
+fn parse_reply(message: &async_nats::Message) -> Attempt {
+    let reply_encoding = Encoding::detect(
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::CONTENT_TYPE))
+            .map(|v| v.as_str()),
+        &message.payload,
+    );
+    let error_code = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::SERVICE_ERROR_CODE))
+        .map(|v| v.to_string());
+    if let Some(code) = error_code {
+        let body = decode::<ErrorBody>(reply_encoding, &message.payload).unwrap_or_else(|_| {
+            // A service that is not ours (or a proxy) may send only the headers.
+            let text = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::SERVICE_ERROR))
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            let mut body = ErrorBody::new(ErrorCode::Internal, text);
+            body.code = code.trim().parse().unwrap_or(500);
+            body
+        });
+        return if body.kind.is_retryable() {
+            Attempt::Retry(Error::Service(body))
+        } else {
+            Attempt::Done(Err(Error::Service(body)))
+        };
+    }
+    Attempt::Done(
+        decode::<InferReply>(reply_encoding, &message.payload)
+            .map_err(|e| Error::BadReply(e.to_string())),
+    )
 }

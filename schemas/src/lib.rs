@@ -30,6 +30,12 @@ pub mod headers {
     /// On requests: an absolute deadline, Unix time in milliseconds (for requesters whose
     /// clocks agree with the processors', or requests that wait in a stream).
     pub const REQUEST_DEADLINE_MS: &str = "Request-Deadline-Ms";
+    /// On requests sent through the JetStream transport: the inbox to reply to (JetStream
+    /// uses the message's own reply subject for acknowledgements).
+    pub const REPLY_INBOX: &str = "Reply-Inbox";
+    /// On requests sent through the JetStream transport: a unique id per request, so that a
+    /// retried publish is stored once (JetStream de-duplication).
+    pub const MESSAGE_ID: &str = "Nats-Msg-Id";
 }
 
 /// Media types for [`headers::CONTENT_TYPE`].

@@ -5,7 +5,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// How long a server may take to start listening.
@@ -15,6 +16,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct NatsServer {
     child: Child,
     port: u16,
+    extra: Vec<String>,
+    /// JetStream's store directory, removed on drop.
+    store: Option<PathBuf>,
 }
 
 impl NatsServer {
@@ -23,46 +27,39 @@ impl NatsServer {
         Self::start_with_args(&[])
     }
 
-    /// Starts a server with extra command-line arguments (e.g. `-js`).
+    /// Starts a server with JetStream enabled, storing in a fresh temporary directory.
+    pub fn start_jetstream() -> NatsServer {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let store = std::env::temp_dir().join(format!(
+            "testkit-jetstream-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut server = Self::start_with_args(&["-js", "-sd", &store.to_string_lossy()]);
+        server.store = Some(store);
+        server
+    }
+
+    /// Starts a server with extra command-line arguments.
     pub fn start_with_args(extra: &[&str]) -> NatsServer {
-        let binary = nats_server_binary();
-        let mut child = Command::new(&binary)
-            .args(["-a", "127.0.0.1", "-p", "-1"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-        // The server logs the port it bound; read it, then keep draining the log so the
-        // server never blocks on a full pipe.
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (port_tx, port_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut port_tx = Some(port_tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                    let port = rest
-                        .trim()
-                        .rsplit(':')
-                        .next()
-                        .and_then(|p| p.parse::<u16>().ok());
-                    if let (Some(port), Some(tx)) = (port, port_tx.take()) {
-                        let _ = tx.send(port);
-                    }
-                }
-            }
-        });
-        let port = match port_rx.recv_timeout(START_TIMEOUT) {
-            Ok(port) => port,
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait().ok();
-                panic!("nats-server did not start listening within {START_TIMEOUT:?} (exit: {status:?})");
-            }
-        };
-        NatsServer { child, port }
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, port) = spawn_server("-1", &extra);
+        NatsServer {
+            child,
+            port,
+            extra,
+            store: None,
+        }
+    }
+
+    /// Kills the server and starts it again on the same port with the same arguments (and
+    /// the same JetStream store), as a server restart in production.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, port) = spawn_server(&self.port.to_string(), &self.extra);
+        assert_eq!(port, self.port);
+        self.child = child;
     }
 
     /// The client URL, `nats://127.0.0.1:PORT`.
@@ -82,6 +79,143 @@ impl NatsServer {
 }
 
 impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(store) = &self.store {
+            let _ = std::fs::remove_dir_all(store);
+        }
+    }
+}
+
+/// Starts `nats-server` on `port` (`-1`: any free one) and returns it with the port it bound.
+fn spawn_server(port: &str, extra: &[String]) -> (Child, u16) {
+    let binary = nats_server_binary();
+    let mut child = Command::new(&binary)
+        .args(["-a", "127.0.0.1", "-p", port])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+    // The server logs the port it bound; read it, then keep draining the log so the
+    // server never blocks on a full pipe.
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (port_tx, port_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut port_tx = Some(port_tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                let port = rest
+                    .trim()
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok());
+                if let (Some(port), Some(tx)) = (port, port_tx.take()) {
+                    let _ = tx.send(port);
+                }
+            }
+        }
+    });
+    let port = match port_rx.recv_timeout(START_TIMEOUT) {
+        Ok(port) => port,
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            panic!(
+                "nats-server did not start listening within {START_TIMEOUT:?} (exit: {status:?})"
+            );
+        }
+    };
+    (child, port)
+}
+
+/// A child process (e.g. a `processor` binary) with its stderr collected; killed on drop.
+pub struct ChildProcess {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ChildProcess {
+    /// Spawns `command` and waits until a line of its stderr contains `ready` (panics, with
+    /// the log, if it exits or takes longer than `timeout`).
+    pub fn spawn(mut command: Command, ready: &str, timeout: Duration) -> ChildProcess {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (marker, lines) = (ready.to_string(), log.clone());
+        std::thread::spawn(move || {
+            let mut ready_tx = Some(ready_tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains(&marker) {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                lines.lock().expect("log lock").push(line);
+            }
+        });
+        let mut process = ChildProcess { child, log };
+        if ready_rx.recv_timeout(timeout).is_err() {
+            let _ = process.child.kill();
+            panic!(
+                "{command:?} did not log {ready:?} within {timeout:?}; its log:\n{}",
+                process.log()
+            );
+        }
+        process
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// Sends SIGTERM (a graceful stop).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -TERM {} failed", self.pid());
+    }
+
+    /// Sends SIGKILL (a crash) and reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `timeout` for the process to exit; panics (with the log) if it does not.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling the child") {
+                return status;
+            }
+            if started.elapsed() > timeout {
+                panic!("still running after {timeout:?}; its log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

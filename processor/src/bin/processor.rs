@@ -27,7 +27,10 @@ struct Cli {
     /// service.queue_group
     #[arg(long)]
     queue_group: Option<String>,
-    /// model.kind (echo | sim)
+    /// service.transport (core | jetstream)
+    #[arg(long)]
+    transport: Option<String>,
+    /// model.kind (bert | echo | sim)
     #[arg(long)]
     model_kind: Option<String>,
     /// model.path
@@ -54,6 +57,7 @@ impl Cli {
         flag!(nats_url, "nats.url");
         flag!(subject_prefix, "service.subject_prefix");
         flag!(queue_group, "service.queue_group");
+        flag!(transport, "service.transport");
         flag!(model_kind, "model.kind");
         flag!(model_path, "model.path");
         flag!(max_batch_size, "batch.max_size");

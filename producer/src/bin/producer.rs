@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use futures::{stream, StreamExt, TryStreamExt};
-use producer::{Client, ClientOptions};
+use producer::{Client, ClientOptions, Transport};
 use schemas::{InferOptions, InferRequest, Output, Task};
 
 /// Send inference requests to the processors over NATS.
@@ -28,6 +28,10 @@ struct Cli {
     /// Inputs per request; more inputs are split into requests sent concurrently.
     #[arg(long, env = "PRODUCER_CHUNK", default_value_t = 64)]
     chunk: usize,
+    /// `core` request/reply, or `jetstream`: through the processors' durable work-queue
+    /// stream (their `service.transport` must be `jetstream`).
+    #[arg(long, env = "PRODUCER_TRANSPORT", value_enum, default_value_t = Transport::Core)]
+    transport: Transport,
     /// Send JSON instead of CBOR.
     #[arg(long)]
     json: bool,
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let options = ClientOptions {
+        transport: cli.transport,
         prefix: cli.prefix,
         timeout: cli.timeout,
         retries: cli.retries,

@@ -1,0 +1,282 @@
+//! The durable transport: requests wait in a JetStream work-queue stream and every processor
+//! pulls from one shared durable consumer, so a request held by a processor that dies is
+//! redelivered to another one.
+//!
+//! A processor asks for only as many messages as it has room for (its workers' batches plus
+//! one batch waiting), so free processors take the work. The requester's inbox travels in the
+//! `Reply-Inbox` header (JetStream uses the message's own reply subject for acks); the reply
+//! goes there first, then the message is acked. Failed batches are nak'ed with a delay, and a
+//! message delivered more than `max_deliver` times gets an error reply and is terminated.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use async_nats::jetstream::Message;
+use futures::StreamExt;
+use schemas::{headers, Encoding, ErrorBody, ErrorCode, InferReply, Task};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, JetStreamConfig};
+use crate::service::{reply_message, Context};
+
+/// The consumer a processor pulls from, and how it treats messages.
+pub(crate) struct Intake {
+    consumer: PullConsumer,
+    settings: JetStreamConfig,
+    prefix: String,
+    /// Messages held at most (being computed or queued): room for every worker's batch plus
+    /// one more batch, so the next batch is ready when a worker frees up.
+    capacity: usize,
+    /// How long one pull request waits for messages.
+    pull_expiry: Duration,
+}
+
+impl Intake {
+    /// Creates the stream and the durable consumer if they do not exist yet (idempotent:
+    /// every processor does this at start, and existing ones are used as they are).
+    pub(crate) async fn start(
+        client: &async_nats::Client,
+        config: &Config,
+    ) -> anyhow::Result<Self> {
+        let settings = config.jetstream.clone();
+        let prefix = config.service.subject_prefix.clone();
+        let context = async_nats::jetstream::new(client.clone());
+        let stream = context
+            .get_or_create_stream(stream::Config {
+                name: settings.stream.clone(),
+                subjects: vec![format!("{prefix}.>")],
+                retention: RetentionPolicy::WorkQueue,
+                storage: StorageType::File,
+                max_messages: settings.max_messages,
+                max_bytes: settings.max_bytes,
+                max_age: Duration::from_secs(settings.max_age_s),
+                duplicate_window: Duration::from_secs(settings.duplicate_window_s),
+                num_replicas: settings.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {}: {e}", settings.stream))?;
+        let consumer: PullConsumer = stream
+            .get_or_create_consumer(
+                &settings.consumer,
+                pull::Config {
+                    durable_name: Some(settings.consumer.clone()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: settings.ack_wait(),
+                    // One delivery more than allowed: the extra one only answers with an error.
+                    max_deliver: i64::from(settings.max_deliver) + 1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("consumer {}: {e}", settings.consumer))?;
+        let workers = config.model.workers();
+        Ok(Intake {
+            consumer,
+            capacity: config.batch.max_size * (workers + 1),
+            pull_expiry: config.batch.max_latency().max(Duration::from_millis(5)),
+            settings,
+            prefix,
+        })
+    }
+
+    /// Pulls and answers messages until `stop`; then finishes the pull under way and returns
+    /// (the request tasks it spawned are tracked by `requests`).
+    pub(crate) async fn serve(
+        self,
+        client: async_nats::Client,
+        context: Arc<Context>,
+        requests: TaskTracker,
+        stop: CancellationToken,
+    ) {
+        let this = Arc::new(self);
+        let room = Arc::new(Semaphore::new(this.capacity));
+        while !stop.is_cancelled() {
+            // Wait for room for one message, then ask for as many as there is room for.
+            let first = tokio::select! {
+                _ = stop.cancelled() => break,
+                permit = room.acquire() => permit.expect("never closed"),
+            };
+            first.forget();
+            let wanted = 1 + room.available_permits();
+            room.acquire_many(u32::try_from(wanted - 1).unwrap_or(u32::MAX))
+                .await
+                .expect("never closed")
+                .forget();
+            let received = match this.pull(wanted, &client, &context, &requests, &room).await {
+                Ok(received) => received,
+                Err(err) => {
+                    tracing::warn!(%err, "pulling from the JetStream consumer; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    0
+                }
+            };
+            room.add_permits(wanted - received);
+        }
+        tracing::info!("stopped pulling from the JetStream consumer");
+    }
+
+    /// One pull request of up to `wanted` messages, each handed to its own request task as it
+    /// arrives. Returns how many arrived; each gives its room back when answered.
+    async fn pull(
+        self: &Arc<Self>,
+        wanted: usize,
+        client: &async_nats::Client,
+        context: &Arc<Context>,
+        requests: &TaskTracker,
+        room: &Arc<Semaphore>,
+    ) -> anyhow::Result<usize> {
+        let mut messages = self
+            .consumer
+            .batch()
+            .max_messages(wanted)
+            .expires(self.pull_expiry)
+            .messages()
+            .await
+            .context("requesting messages")?;
+        let mut received = 0;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| anyhow::anyhow!("receiving a message: {e}"))?;
+            received += 1;
+            let (this, client, context, room) =
+                (self.clone(), client.clone(), context.clone(), room.clone());
+            requests.spawn(async move {
+                this.handle(message, &client, &context).await;
+                room.add_permits(1);
+            });
+        }
+        Ok(received)
+    }
+
+    async fn handle(&self, message: Message, client: &async_nats::Client, context: &Context) {
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+        };
+        let inbox = header(headers::REPLY_INBOX);
+        let encoding = Encoding::detect(header(headers::CONTENT_TYPE).as_deref(), &message.payload);
+        let (delivered, age) = match message.info() {
+            Ok(info) => (info.delivered.max(1) as u32, age_of(info.published)),
+            Err(_) => (1, Duration::ZERO),
+        };
+        let result = if delivered > self.settings.max_deliver {
+            Err(ErrorBody::new(
+                ErrorCode::ModelFailed,
+                format!(
+                    "the request was delivered {} times without being answered; giving up",
+                    delivered - 1
+                ),
+            ))
+        } else {
+            // Deadline budgets count from when the stream received the request.
+            let received = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            self.compute(&message, encoding, received, context).await
+        };
+
+        let retry =
+            matches!(&result, Err(e) if is_transient(e)) && delivered < self.settings.max_deliver;
+        if retry {
+            let delay = Duration::from_millis(self.settings.nak_delay_ms);
+            if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                tracing::warn!(%err, "nak'ing a failed request");
+            }
+            return;
+        }
+        let (reply_headers, body) = reply_message(encoding, &result, &context.stats);
+        match inbox {
+            Some(inbox) => {
+                if let Err(err) = client
+                    .publish_with_headers(inbox, reply_headers, body)
+                    .await
+                {
+                    // Not acked: it is redelivered and answered again.
+                    tracing::warn!(%err, "sending a reply; leaving the request for redelivery");
+                    return;
+                }
+            }
+            None => tracing::warn!(
+                subject = %message.subject,
+                "a request without a {} header: computed, but nobody to answer",
+                headers::REPLY_INBOX
+            ),
+        }
+        let ack = if result.is_err() && delivered >= self.settings.max_deliver {
+            AckKind::Term
+        } else {
+            AckKind::Ack
+        };
+        if let Err(err) = message.ack_with(ack).await {
+            tracing::warn!(%err, "acking an answered request");
+        }
+    }
+
+    /// Runs the request, telling the server it is still in progress every half `ack_wait`.
+    async fn compute(
+        &self,
+        message: &Message,
+        encoding: Encoding,
+        received: Instant,
+        context: &Context,
+    ) -> Result<InferReply, ErrorBody> {
+        let task = message
+            .subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or_default();
+        let task: Task = match task.parse() {
+            Ok(task) => task,
+            Err(_) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::UnknownTask,
+                    format!("unknown task `{task}`; this service serves embed and fill_mask"),
+                ))
+            }
+        };
+        let work = context.infer(task, message, encoding, received);
+        tokio::pin!(work);
+        let mut progress = tokio::time::interval(self.settings.ack_wait() / 2);
+        progress.tick().await; // the first tick is immediate
+        loop {
+            tokio::select! {
+                result = &mut work => return result,
+                _ = progress.tick() => {
+                    if let Err(err) = message.ack_with(AckKind::Progress).await {
+                        tracing::warn!(%err, "sending an in-progress ack");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Errors worth another delivery (maybe on another processor): the batch failed or this
+/// processor could not take it. Everything else is the request's own fault and final.
+fn is_transient(error: &ErrorBody) -> bool {
+    matches!(
+        error.kind,
+        ErrorCode::ModelFailed | ErrorCode::Internal | ErrorCode::Overloaded
+    )
+}
+
+/// How long ago the server stored a message (zero if its clock is ahead of ours).
+fn age_of(published: async_nats::datetime::DateTime) -> Duration {
+    let published_ns = published.unix_timestamp_nanos();
+    let now_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    Duration::from_nanos(u64::try_from(now_ns - published_ns).unwrap_or(0))
+}

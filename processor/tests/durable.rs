@@ -1,0 +1,229 @@
+//! Processors as real child processes, killed and stopped under load: the JetStream transport
+//! loses nothing when a processor dies, both transports drain on SIGTERM, and core NATS
+//! processors survive a nats-server restart.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use producer::{Client, ClientOptions, Transport};
+use schemas::{InferRequest, Output, Task};
+use testkit::{ChildProcess, NatsServer};
+
+/// Starts a `processor` binary serving the `sim` model on `url`.
+fn processor(url: &str, transport: &str, extra: &[(&str, &str)]) -> ChildProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_processor"));
+    command
+        .env("RUST_LOG", "info")
+        .env("PROCESSOR_NATS__URL", url)
+        .env("PROCESSOR_SERVICE__TRANSPORT", transport)
+        .env("PROCESSOR_MODEL__KIND", "sim")
+        .env("PROCESSOR_MODEL__BATCH_MS", "20")
+        .env("PROCESSOR_MODEL__ITEM_MS", "0.2")
+        .env("PROCESSOR_BATCH__MAX_SIZE", "32")
+        .env("PROCESSOR_JETSTREAM__ACK_WAIT_MS", "1500")
+        .env("PROCESSOR_JETSTREAM__NAK_DELAY_MS", "100");
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    ChildProcess::spawn(command, "processor ready", Duration::from_secs(30))
+}
+
+async fn client(url: &str, transport: Transport) -> Client {
+    let options = ClientOptions {
+        transport,
+        timeout: Duration::from_secs(20),
+        retries: 5,
+        backoff: Duration::from_millis(100),
+        ..ClientOptions::default()
+    };
+    Client::connect_with(url, options).await.unwrap()
+}
+
+/// Sends `n` one-input requests at once; counts replies as they come, checks each is its own.
+async fn send_all(
+    client: &Client,
+    n: usize,
+    answered: Arc<AtomicUsize>,
+) -> Vec<Result<(), String>> {
+    let requests = (0..n).map(|i| {
+        let client = client.clone();
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            let text = format!("request {i}");
+            let reply = client
+                .request(Task::Embed, &InferRequest::new([text.clone()]))
+                .await
+                .map_err(|e| format!("request {i}: {e}"))?;
+            answered.fetch_add(1, Ordering::Relaxed);
+            if reply.outputs != [Output::Text { text }] {
+                return Err(format!("request {i} got {:?}", reply.outputs));
+            }
+            Ok(())
+        })
+    });
+    let mut results = Vec::with_capacity(n);
+    for request in requests.collect::<Vec<_>>() {
+        results.push(request.await.unwrap());
+    }
+    results
+}
+
+fn assert_all_ok(results: &[Result<(), String>]) {
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed, first: {:?}",
+        failed.len(),
+        results.len(),
+        failed.first()
+    );
+}
+
+/// Waits until `answered` reaches `at_least` (load is flowing through both processors).
+async fn wait_for(answered: &AtomicUsize, at_least: usize) {
+    let started = std::time::Instant::now();
+    while answered.load(Ordering::Relaxed) < at_least {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "load never flowed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_loses_nothing_when_a_processor_is_killed_mid_batch() {
+    let server = NatsServer::start_jetstream();
+    let mut doomed = processor(&server.url(), "jetstream", &[]);
+    let survivor = processor(&server.url(), "jetstream", &[]);
+    let client = client(&server.url(), Transport::Jetstream).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (client, answered) = (client.clone(), answered.clone());
+        tokio::spawn(async move { send_all(&client, 5000, answered).await })
+    };
+    // Both processors are busy (every batch lasts 20+ ms), so this lands inside a batch and
+    // the killed processor holds up to 64 unacknowledged requests.
+    wait_for(&answered, 1000).await;
+    doomed.kill();
+    let results = load.await.unwrap();
+    assert_all_ok(&results);
+    assert_eq!(answered.load(Ordering::Relaxed), 5000);
+    drop(survivor);
+}
+
+async fn sigterm_under_load(transport: &str, client_transport: Transport) {
+    let server = if transport == "jetstream" {
+        NatsServer::start_jetstream()
+    } else {
+        NatsServer::start()
+    };
+    let mut stopping = processor(&server.url(), transport, &[]);
+    let mut staying = processor(&server.url(), transport, &[]);
+    let client = client(&server.url(), client_transport).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (client, answered) = (client.clone(), answered.clone());
+        tokio::spawn(async move { send_all(&client, 3000, answered).await })
+    };
+    wait_for(&answered, 500).await;
+    stopping.terminate();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = stopping.wait(Duration::from_secs(20));
+        (status, stopping.log())
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.0.success(),
+        "exit {:?}; log:\n{}",
+        status.0,
+        status.1
+    );
+    assert!(status.1.contains("processor stopped"), "{}", status.1);
+    let at_stop = answered.load(Ordering::Relaxed);
+    let results = load.await.unwrap();
+    assert_all_ok(&results);
+    assert!(
+        answered.load(Ordering::Relaxed) > at_stop,
+        "the other processor took the rest"
+    );
+    staying.terminate();
+    let status = tokio::task::spawn_blocking(move || staying.wait(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_sigterm_under_load_answers_what_it_took_and_exits_0() {
+    sigterm_under_load("core", Transport::Core).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_sigterm_under_load_answers_what_it_took_and_exits_0() {
+    sigterm_under_load("jetstream", Transport::Jetstream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_processors_and_producers_survive_a_nats_server_restart() {
+    let mut server = NatsServer::start();
+    let processor = processor(&server.url(), "core", &[("PROCESSOR_MODEL__KIND", "echo")]);
+    let client = client(&server.url(), Transport::Core).await;
+    let ask = move |text: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .request(Task::Embed, &InferRequest::new([text]))
+                .await
+                .map(|reply| reply.outputs)
+        }
+    };
+    assert_eq!(
+        ask("before").await.unwrap(),
+        [Output::Text {
+            text: "before".into()
+        }]
+    );
+
+    // Light load across the restart: requests keep coming while the server is down.
+    let during = tokio::spawn({
+        let ask = ask.clone();
+        async move {
+            let mut ok = 0;
+            for _ in 0..40 {
+                if ask("during").await.is_ok() {
+                    ok += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            ok
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.restart();
+
+    // Once reconnected, requests succeed again, served by the same processor process.
+    let mut after = Err(String::new());
+    for _ in 0..50 {
+        after = ask("after").await.map_err(|e| e.to_string());
+        if after.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        after.expect("a request succeeds after the restart"),
+        [Output::Text {
+            text: "after".into()
+        }]
+    );
+    assert!(during.await.unwrap() > 0);
+    let log = processor.log();
+    assert!(
+        !log.contains("processor stopped"),
+        "the processor must not have restarted: {log}"
+    );
+}
