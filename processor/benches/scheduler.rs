@@ -9,7 +9,10 @@
 //!   `bench/inputs.json` queued at once through the batcher (no NATS): sentences/s and padding
 //!   ratio with length grouping on and off.
 //!
-//!   cargo bench -p processor --bench scheduler                  # both parts
+//! - `transport`: the `echo` model through core NATS and through the JetStream work queue:
+//!   median latency one request at a time, and requests/s with 64 in flight.
+//!
+//!   cargo bench -p processor --bench scheduler                  # every part
 //!   BENCH_PARTS=sim cargo bench -p processor --bench scheduler  # one part
 
 use std::path::PathBuf;
@@ -22,7 +25,7 @@ use processor::config::ModelKind;
 use processor::model::bert::BertModel;
 use processor::model::{BatchModel, SimModel};
 use processor::{Config, Processor};
-use producer::{Client, ClientOptions};
+use producer::{Client, ClientOptions, Transport};
 use schemas::{InferOptions, InferRequest, Task};
 
 /// The simulated accelerator: a batch of n inputs takes 20 ms + 0.25 ms × n.
@@ -48,6 +51,72 @@ fn main() {
     }
     if wanted("grouping") {
         runtime.block_on(length_grouping());
+    }
+    if wanted("transport") {
+        runtime.block_on(transports());
+    }
+}
+
+/// Echo through each transport: latency one at a time, and throughput with 64 in flight.
+async fn transports() {
+    let server = testkit::NatsServer::start_jetstream();
+    println!("echo model, one processor, same nats-server (JetStream file storage)");
+    println!("| transport | median ms, one at a time | p99 ms | requests/s, 64 in flight |");
+    println!("|---|---:|---:|---:|");
+    for transport in [Transport::Core, Transport::Jetstream] {
+        let mut config = Config::default();
+        config.nats.url = server.url();
+        config.model.kind = ModelKind::Echo;
+        config.service.transport = match transport {
+            Transport::Core => processor::config::Transport::Core,
+            Transport::Jetstream => processor::config::Transport::Jetstream,
+        };
+        let processor = Processor::start(config).await.unwrap().spawn();
+        let options = ClientOptions {
+            transport,
+            timeout: Duration::from_secs(30),
+            retries: 0,
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with(&server.url(), options).await.unwrap();
+        let request = InferRequest::new(["a short sentence to echo"]);
+        for _ in 0..50 {
+            client.request(Task::Embed, &request).await.unwrap();
+        }
+        let mut latencies = Vec::new();
+        for _ in 0..1000 {
+            let started = Instant::now();
+            client.request(Task::Embed, &request).await.unwrap();
+            latencies.push(started.elapsed());
+        }
+        latencies.sort();
+        let p99 = latencies[latencies.len() * 99 / 100];
+        let median = median(latencies);
+
+        let completed = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let lanes: Vec<_> = (0..64)
+            .map(|_| {
+                let (client, request, completed) =
+                    (client.clone(), request.clone(), completed.clone());
+                tokio::spawn(async move {
+                    while started.elapsed() < Duration::from_secs(3) {
+                        client.request(Task::Embed, &request).await.unwrap();
+                        completed.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for lane in lanes {
+            lane.await.unwrap();
+        }
+        let rate = completed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "| {transport:?} | {:.3} | {:.3} | {rate:.0} |",
+            median.as_secs_f64() * 1000.0,
+            p99.as_secs_f64() * 1000.0
+        );
+        processor.shutdown().await.unwrap();
     }
 }
 

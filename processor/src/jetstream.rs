@@ -2,8 +2,8 @@
 //! pulls from one shared durable consumer, so a request held by a processor that dies is
 //! redelivered to another one.
 //!
-//! A processor asks for only as many messages as it has room for (its workers' batches plus
-//! one batch waiting), so free processors take the work. The requester's inbox travels in the
+//! A processor pulls one batch at a time and takes messages only while it has room for them
+//! (its workers' batches plus one batch waiting), so free processors take the work. The requester's inbox travels in the
 //! `Reply-Inbox` header (JetStream uses the message's own reply subject for acks); the reply
 //! goes there first, then the message is acked. Failed batches are nak'ed with a delay, and a
 //! message delivered more than `max_deliver` times gets an error reply and is terminated.
@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context as _;
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
@@ -31,12 +30,17 @@ pub(crate) struct Intake {
     consumer: PullConsumer,
     settings: JetStreamConfig,
     prefix: String,
-    /// Messages held at most (being computed or queued): room for every worker's batch plus
+    /// Messages taken at most (being computed or queued): room for every worker's batch plus
     /// one more batch, so the next batch is ready when a worker frees up.
     capacity: usize,
-    /// How long one pull request waits for messages.
-    pull_expiry: Duration,
+    /// Messages one pull asks for: one batch.
+    pull_size: usize,
 }
+
+/// How long one pull request stays open at the server. Messages arriving meanwhile are
+/// delivered at once, so this costs no latency; it only bounds how long a lost pull goes
+/// unnoticed (heartbeats are a quarter of it).
+const PULL_EXPIRY: Duration = Duration::from_secs(20);
 
 impl Intake {
     /// Creates the stream and the durable consumer if they do not exist yet (idempotent:
@@ -81,14 +85,14 @@ impl Intake {
         Ok(Intake {
             consumer,
             capacity: config.batch.max_size * (workers + 1),
-            pull_expiry: config.batch.max_latency().max(Duration::from_millis(5)),
+            pull_size: config.batch.max_size,
             settings,
             prefix,
         })
     }
 
-    /// Pulls and answers messages until `stop`; then finishes the pull under way and returns
-    /// (the request tasks it spawned are tracked by `requests`).
+    /// Pulls and answers messages until `stop`; then answers what the pulls under way still
+    /// deliver and returns. The request tasks it spawned are tracked by `requests`.
     pub(crate) async fn serve(
         self,
         client: async_nats::Client,
@@ -98,64 +102,90 @@ impl Intake {
     ) {
         let this = Arc::new(self);
         let room = Arc::new(Semaphore::new(this.capacity));
-        while !stop.is_cancelled() {
-            // Wait for room for one message, then ask for as many as there is room for.
-            let first = tokio::select! {
-                _ = stop.cancelled() => break,
-                permit = room.acquire() => permit.expect("never closed"),
-            };
-            first.forget();
-            let wanted = 1 + room.available_permits();
-            room.acquire_many(u32::try_from(wanted - 1).unwrap_or(u32::MAX))
-                .await
-                .expect("never closed")
-                .forget();
-            let received = match this.pull(wanted, &client, &context, &requests, &room).await {
-                Ok(received) => received,
+        'pulling: while !stop.is_cancelled() {
+            // Pulls of one batch at a time, kept outstanding by async-nats (with heartbeats, so
+            // a lost pull or a server restart is noticed and the pull re-issued).
+            let messages = this
+                .consumer
+                .stream()
+                .max_messages_per_batch(this.pull_size)
+                .expires(PULL_EXPIRY)
+                .heartbeat(PULL_EXPIRY / 4)
+                .messages()
+                .await;
+            let mut messages = match messages {
+                Ok(messages) => messages,
                 Err(err) => {
-                    tracing::warn!(%err, "pulling from the JetStream consumer; retrying");
+                    tracing::warn!(%err, "pulling from the JetStream consumer; retrying in 1 s");
                     tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => break 'pulling,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pulling,
                     }
-                    0
                 }
             };
-            room.add_permits(wanted - received);
+            loop {
+                // Take a message only when there is room for it: what a processor holds stays
+                // bounded by what its workers can compute next, and the rest of the stream
+                // stays with the server for the other processors.
+                let permit = tokio::select! {
+                    _ = stop.cancelled() => break 'pulling,
+                    permit = room.clone().acquire_owned() => permit.expect("never closed"),
+                };
+                let message = tokio::select! {
+                    _ = stop.cancelled() => {
+                        drop(permit);
+                        this.finish_pull(&mut messages, &client, &context, &requests).await;
+                        break 'pulling;
+                    }
+                    message = messages.next() => message,
+                };
+                match message {
+                    Some(Ok(message)) => {
+                        let (this, client, context) =
+                            (this.clone(), client.clone(), context.clone());
+                        requests.spawn(async move {
+                            this.handle(message, &client, &context).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(%err, "receiving from the JetStream consumer");
+                        if matches!(
+                            err.kind(),
+                            pull::MessagesErrorKind::ConsumerDeleted
+                                | pull::MessagesErrorKind::PushBasedConsumer
+                                | pull::MessagesErrorKind::RequestLimitExceeded
+                        ) {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue 'pulling;
+                        }
+                    }
+                    None => continue 'pulling,
+                }
+            }
         }
         tracing::info!("stopped pulling from the JetStream consumer");
     }
 
-    /// One pull request of up to `wanted` messages, each handed to its own request task as it
-    /// arrives. Returns how many arrived; each gives its room back when answered.
-    async fn pull(
+    /// At shutdown: answers the messages the pulls under way still deliver (they are ours
+    /// until acked), up to two pulls' worth, until a short pause; any later ones are
+    /// redelivered to another processor after `ack_wait`.
+    async fn finish_pull(
         self: &Arc<Self>,
-        wanted: usize,
+        messages: &mut pull::Stream,
         client: &async_nats::Client,
         context: &Arc<Context>,
         requests: &TaskTracker,
-        room: &Arc<Semaphore>,
-    ) -> anyhow::Result<usize> {
-        let mut messages = self
-            .consumer
-            .batch()
-            .max_messages(wanted)
-            .expires(self.pull_expiry)
-            .messages()
-            .await
-            .context("requesting messages")?;
-        let mut received = 0;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| anyhow::anyhow!("receiving a message: {e}"))?;
-            received += 1;
-            let (this, client, context, room) =
-                (self.clone(), client.clone(), context.clone(), room.clone());
-            requests.spawn(async move {
-                this.handle(message, &client, &context).await;
-                room.add_permits(1);
-            });
+    ) {
+        for _ in 0..2 * self.pull_size {
+            let Ok(Some(Ok(message))) =
+                tokio::time::timeout(Duration::from_millis(50), messages.next()).await
+            else {
+                break;
+            };
+            let (this, client, context) = (self.clone(), client.clone(), context.clone());
+            requests.spawn(async move { this.handle(message, &client, &context).await });
         }
-        Ok(received)
     }
 
     async fn handle(&self, message: Message, client: &async_nats::Client, context: &Context) {
