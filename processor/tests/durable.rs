@@ -260,3 +260,67 @@ async fn core_processors_and_producers_survive_a_nats_server_restart() {
         "the processor must not have restarted: {log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_redelivers_a_failed_batch_then_gives_up_with_an_error_reply() {
+    let server = NatsServer::start_jetstream();
+    let processor = processor(
+        &server.url(),
+        "jetstream",
+        &[
+            ("PROCESSOR_JETSTREAM__MAX_DELIVER", "3"),
+            ("PROCESSOR_JETSTREAM__NAK_DELAY_MS", "200"),
+        ],
+    );
+    let client = client(&server.url(), Transport::Jetstream).await;
+    // The sim model fails inputs containing [fail]: every delivery fails, the third is the
+    // last, and its error reaches the requester, after two nak delays.
+    let started = std::time::Instant::now();
+    let error = client
+        .request(Task::Embed, &InferRequest::new(["doomed [fail]"]))
+        .await
+        .unwrap_err();
+    let body = error.service_error().expect("an error reply");
+    assert_eq!(
+        body.kind,
+        schemas::ErrorCode::ModelFailed,
+        "{}",
+        body.message
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "answered after {:?}: it was not redelivered twice",
+        started.elapsed()
+    );
+    // A request that is the client's own fault is answered at once and not redelivered.
+    let error = client
+        .request(Task::Embed, &InferRequest::new([""]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.service_error().map(|b| b.kind),
+        Some(schemas::ErrorCode::InvalidInput)
+    );
+    let ok = client
+        .request(Task::Embed, &InferRequest::new(["fine"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.outputs,
+        [Output::Text {
+            text: "fine".into()
+        }]
+    );
+
+    // Nothing is left in the work queue: the failed request was terminated, not kept.
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats);
+    let mut stream = jetstream.get_stream("BERT_REQUESTS").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 0, "{:?}", info.state);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("bert-processors").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    drop(processor);
+}
