@@ -63,7 +63,7 @@ enum Intake {
     /// Service endpoints in the queue group.
     Core(Vec<(Route, Endpoint)>),
     /// The durable pull consumer of the work-queue stream.
-    JetStream(jetstream::Intake),
+    JetStream(Box<jetstream::Intake>),
 }
 
 /// Starts a processor and serves until `shutdown` completes, then stops taking requests,
@@ -122,11 +122,11 @@ impl Processor {
         let prefix = &config.service.subject_prefix;
         let intake = match config.service.transport {
             Transport::Core => Intake::Core(add_endpoints(&service, &config.service).await?),
-            Transport::Jetstream => Intake::JetStream(
+            Transport::Jetstream => Intake::JetStream(Box::new(
                 jetstream::Intake::start(&client, &config)
                     .await
                     .context("setting up the JetStream stream and consumer")?,
-            ),
+            )),
         };
         client
             .flush()
