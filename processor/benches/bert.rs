@@ -9,7 +9,6 @@
 //!
 //! Tokenisation is done before timing (as in the PyTorch script): this measures the model.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use burn::prelude::Device;
@@ -19,39 +18,19 @@ const BATCH_SIZES: [usize; 4] = [1, 8, 32, 64];
 /// Each configuration runs at least this long (after one warm-up pass).
 const MIN_TIME: Duration = Duration::from_secs(3);
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let model_dir = std::env::var_os("MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("models/all-MiniLM-L6-v2"));
-    assert!(
-        model_dir.join("model.safetensors").is_file(),
-        "run scripts/fetch-model first"
-    );
-    let inputs_file = root().join("bench/inputs.json");
+    let model_dir = common::minilm_dir();
     if args.iter().any(|a| a == "--write-inputs") {
         let model = BertModel::load(&model_dir, &processor::model::cpu_device()).unwrap();
-        write_inputs(&model, &inputs_file);
+        write_inputs(&model, &common::inputs_file());
         return;
     }
-    let inputs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&inputs_file).expect("bench/inputs.json"))
-            .unwrap();
     let sets: Vec<(&str, Vec<String>)> = ["short16", "mixed8_128"]
         .into_iter()
-        .map(|key| {
-            let texts = inputs[key]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t.as_str().unwrap().to_string())
-                .collect();
-            (key, texts)
-        })
+        .map(|key| (key, common::sentences(key)))
         .collect();
 
     #[cfg_attr(not(feature = "ndarray"), allow(unused_mut))]

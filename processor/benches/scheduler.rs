@@ -15,7 +15,6 @@
 //!   cargo bench -p processor --bench scheduler                  # every part
 //!   BENCH_PARTS=sim cargo bench -p processor --bench scheduler  # one part
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,9 +35,7 @@ const BATCH_SIZE: usize = 32;
 const SATURATION_CONCURRENCY: usize = 4 * BATCH_SIZE;
 const MEASURE: Duration = Duration::from_secs(6);
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
 
 fn wanted(part: &str) -> bool {
     std::env::var("BENCH_PARTS").map_or(true, |parts| parts.split(',').any(|p| p == part))
@@ -238,23 +235,8 @@ fn verdict(met: bool) -> &'static str {
 }
 
 async fn length_grouping() {
-    let model_dir = std::env::var_os("MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("models/all-MiniLM-L6-v2"));
-    assert!(
-        model_dir.join("model.safetensors").is_file(),
-        "run scripts/fetch-model first"
-    );
-    let inputs: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("bench/inputs.json")).expect("bench/inputs.json"),
-    )
-    .unwrap();
-    let mixed: Vec<String> = inputs["mixed8_128"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap().to_string())
-        .collect();
+    let model_dir = common::minilm_dir();
+    let mixed = common::sentences("mixed8_128");
     // Three rounds of the 128 sentences, all queued at once as single-input requests.
     let queued: Vec<String> = (0..3).flat_map(|_| mixed.iter().cloned()).collect();
 
