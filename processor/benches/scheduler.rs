@@ -62,6 +62,8 @@ async fn transports() {
     println!("|---|---:|---:|---:|");
     for transport in [Transport::Core, Transport::Jetstream] {
         let mut config = Config::default();
+        config.http.listen = String::new();
+        config.http.listen = String::new();
         config.nats.url = server.url();
         config.model.kind = ModelKind::Echo;
         config.service.transport = match transport {
@@ -152,6 +154,7 @@ async fn sim_through_nats() {
 
     let server = testkit::NatsServer::start();
     let mut config = Config::default();
+    config.http.listen = String::new();
     config.nats.url = server.url();
     config.model.kind = ModelKind::Sim;
     config.model.batch_ms = SIM_BATCH_MS;

@@ -147,7 +147,7 @@ impl Batcher {
             let stats = stats.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("model-worker-{index}"))
-                .spawn(move || match load(index) {
+                .spawn(move || match load(index).and_then(warm_up) {
                     Ok(model) => {
                         let info = Loaded {
                             name: model.name().to_string(),
@@ -206,6 +206,19 @@ impl Batcher {
         options: InferOptions,
         deadline: Option<Instant>,
     ) -> Result<Completed, ErrorBody> {
+        self.infer_traced(task, inputs, options, deadline, None)
+            .await
+    }
+
+    /// [`Batcher::infer`] for a request with an id, which the worker logs with its batch.
+    pub async fn infer_traced(
+        &self,
+        task: Task,
+        inputs: Vec<String>,
+        options: InferOptions,
+        deadline: Option<Instant>,
+        request_id: Option<Arc<str>>,
+    ) -> Result<Completed, ErrorBody> {
         if let Some(reason) = &self.unsupported[task_index(task)] {
             return Err(ErrorBody::new(ErrorCode::UnsupportedTask, reason.clone()));
         }
@@ -239,7 +252,9 @@ impl Batcher {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let (done_tx, done_rx) = oneshot::channel();
-        let job = Arc::new(Job::new(task, inputs, prepared, options, deadline, done_tx));
+        let mut job = Job::new(task, inputs, prepared, options, deadline, done_tx);
+        job.request_id = request_id;
+        let job = Arc::new(job);
         let stopped = || ErrorBody::new(ErrorCode::Internal, "the batcher has stopped");
         self.submit.send(job).await.map_err(|_| stopped())?;
         done_rx.await.map_err(|_| stopped())?
@@ -253,6 +268,25 @@ impl Batcher {
     /// The batcher's statistics.
     pub fn stats(&self) -> &Arc<BatcherStats> {
         &self.stats
+    }
+}
+
+/// Computes one small batch on a freshly loaded model, before it takes requests, so that
+/// first-use costs (allocations, GPU kernel compilation) are not paid by a request, and a
+/// model that cannot compute fails at start.
+fn warm_up<M: BatchModel>(mut model: M) -> anyhow::Result<M> {
+    let Some(task) = Task::ALL.into_iter().find(|&task| model.supports(task)) else {
+        anyhow::bail!("model `{}` serves no task", model.name());
+    };
+    let text = match task {
+        Task::FillMask => "warm [MASK] up",
+        Task::Embed => "warm up",
+    };
+    let results = model.run_texts(task, &[text], &InferOptions::default());
+    match results.into_iter().next() {
+        Some(Ok(_)) => Ok(model),
+        Some(Err(error)) => anyhow::bail!("the warm-up batch failed: {error}"),
+        None => anyhow::bail!("the warm-up batch returned no result"),
     }
 }
 
@@ -285,6 +319,8 @@ struct Job {
     options: InferOptions,
     arrived: Instant,
     deadline: Option<Instant>,
+    /// The requester's `Request-Id`, for the logs.
+    request_id: Option<Arc<str>>,
     progress: Mutex<Progress>,
 }
 
@@ -313,6 +349,7 @@ impl Job {
             options,
             arrived: Instant::now(),
             deadline,
+            request_id: None,
             progress: Mutex::new(Progress {
                 results: (0..n).map(|_| None).collect(),
                 remaining: n,
@@ -731,7 +768,23 @@ fn work<M: BatchModel>(
             }
         };
         drop(inputs);
-        stats.compute.observe(started.elapsed());
+        let took = started.elapsed();
+        stats.compute.observe(took);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let mut request_ids: Vec<&str> = batch
+                .items
+                .iter()
+                .filter_map(|item| item.job.request_id.as_deref())
+                .collect();
+            request_ids.dedup();
+            tracing::debug!(
+                task = batch.task.as_str(),
+                size,
+                compute_ms = took.as_secs_f64() * 1000.0,
+                ?request_ids,
+                "batch computed"
+            );
+        }
         stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         for (item, result) in batch.items.iter().zip(results) {
             item.job.complete(item.index, result, size);
@@ -783,7 +836,13 @@ mod tests {
             _task: Task,
             inputs: &[ModelInput<'_>],
         ) -> Vec<Result<Output, InputError>> {
-            let texts = inputs.iter().map(|i| i.text.to_string()).collect();
+            let texts: Vec<String> = inputs.iter().map(|i| i.text.to_string()).collect();
+            if texts == ["warm up"] {
+                // The batcher's own warm-up batch, before any test request.
+                return vec![Ok(Output::Text {
+                    text: texts[0].clone(),
+                })];
+            }
             let _ = self.batches.send(texts);
             if let Some(permits) = &self.permits {
                 permits.lock().unwrap().blocking_recv().expect("a permit");
@@ -1215,7 +1274,7 @@ mod tests {
         let stats = harness.batcher.stats();
         assert_eq!(stats.queue_wait.count(), 2);
         // One input waited 0 s, the other the 30 ms the worker was held.
-        assert!((stats.queue_wait.sum_seconds() - 0.030).abs() < 0.001);
+        assert!((stats.queue_wait.sum() - 0.030).abs() < 0.001);
         assert_eq!(stats.compute.count(), 2);
     }
 }

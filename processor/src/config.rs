@@ -32,21 +32,163 @@ pub struct Config {
     pub batch: BatchConfig,
     /// The durable transport (used when `service.transport = "jetstream"`).
     pub jetstream: JetStreamConfig,
+    /// Metrics and health endpoints.
+    pub http: HttpConfig,
+    /// Log output.
+    pub logging: LoggingConfig,
 }
 
-/// `[nats]`
+/// `[http]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address for `/metrics`, `/livez` and `/readyz` (`host:port`; port 0 picks a free one;
+    /// empty turns the listener off).
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "0.0.0.0:9464".to_string(),
+        }
+    }
+}
+
+/// `[logging]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `human` (default) or `json` (one object per line, for log collectors).
+    pub format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable text.
+    #[default]
+    Human,
+    /// JSON objects, one per line.
+    Json,
+}
+
+/// `[nats]`: where and how to connect. Use at most one of `credentials_file`, `nkey_seed`,
+/// `token` and `user`/`password`; secrets are best set through the environment
+/// (`PROCESSOR_NATS__PASSWORD`) or a mounted file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URL(s), comma-separated.
     pub url: String,
+    /// A `.creds` file (JWT and NKey seed), as issued by an operator/account setup.
+    pub credentials_file: Option<PathBuf>,
+    /// An NKey user seed (`SU...`).
+    pub nkey_seed: Option<String>,
+    /// A server token.
+    pub token: Option<String>,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// CA certificate (PEM) to trust for the server's TLS certificate.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS (with `tls_key_file`).
+    pub tls_cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to connect without TLS.
+    pub tls_required: bool,
 }
 
 impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             url: "nats://127.0.0.1:4222".to_string(),
+            credentials_file: None,
+            nkey_seed: None,
+            token: None,
+            user: None,
+            password: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
         }
+    }
+}
+
+impl NatsConfig {
+    /// Connection options carrying the configured authentication and TLS.
+    pub async fn connect_options(&self, name: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+        let mut options = async_nats::ConnectOptions::new().name(name);
+        if let Some(path) = &self.credentials_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| anyhow::anyhow!("nats.credentials_file {}: {e}", path.display()))?;
+        }
+        if let Some(seed) = &self.nkey_seed {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(options.require_tls(self.tls_required))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_string(),
+        };
+        let methods = [
+            self.credentials_file.is_some(),
+            self.nkey_seed.is_some(),
+            self.token.is_some(),
+            self.user.is_some() || self.password.is_some(),
+        ];
+        if methods.iter().filter(|&&set| set).count() > 1 {
+            return Err(invalid(
+                "nats",
+                "set only one of credentials_file, nkey_seed, token and user/password",
+            ));
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err(invalid("nats.user", "user and password go together"));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(invalid(
+                "nats.tls_cert_file",
+                "tls_cert_file and tls_key_file go together",
+            ));
+        }
+        for (key, path) in [
+            ("nats.credentials_file", &self.credentials_file),
+            ("nats.tls_ca_file", &self.tls_ca_file),
+            ("nats.tls_cert_file", &self.tls_cert_file),
+            ("nats.tls_key_file", &self.tls_key_file),
+        ] {
+            if let Some(path) = path {
+                if !path.is_file() {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        reason: format!("{} is not a readable file", path.display()),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -330,6 +472,7 @@ impl Config {
         if self.nats.url.trim().is_empty() {
             return Err(invalid("nats.url", "must not be empty"));
         }
+        self.nats.validate()?;
         let name = &self.service.name;
         if name.is_empty()
             || !name
@@ -398,6 +541,13 @@ impl Config {
                     format!("{name:?} must be one word without `.`, `*`, `>`, slashes or spaces"),
                 ));
             }
+        }
+        let listen = &self.http.listen;
+        if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "http.listen",
+                format!("{listen:?} is not host:port (e.g. 0.0.0.0:9464), or empty for none"),
+            ));
         }
         if js.ack_wait_ms < 100 {
             return Err(invalid("jetstream.ack_wait_ms", "must be at least 100"));

@@ -21,9 +21,10 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::{Config, JetStreamConfig};
-use crate::service::{reply_message, Context};
+use crate::service::{reply_message, request_span, Context};
 
 /// The consumer a processor pulls from, and how it treats messages.
 pub(crate) struct Intake {
@@ -143,10 +144,14 @@ impl Intake {
                     Some(Ok(message)) => {
                         let (this, client, context) =
                             (this.clone(), client.clone(), context.clone());
-                        requests.spawn(async move {
-                            this.handle(message, &client, &context).await;
-                            drop(permit);
-                        });
+                        let span = request_span(&message);
+                        requests.spawn(
+                            async move {
+                                this.handle(message, &client, &context).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
                     }
                     Some(Err(err)) => {
                         tracing::warn!(%err, "receiving from the JetStream consumer");
@@ -184,7 +189,10 @@ impl Intake {
                 break;
             };
             let (this, client, context) = (self.clone(), client.clone(), context.clone());
-            requests.spawn(async move { this.handle(message, &client, &context).await });
+            let span = request_span(&message);
+            requests.spawn(
+                async move { this.handle(message, &client, &context).await }.instrument(span),
+            );
         }
     }
 
@@ -225,7 +233,8 @@ impl Intake {
             }
             return;
         }
-        let (reply_headers, body) = reply_message(encoding, &result, &context.stats);
+        let task = self.task_of(&message).ok();
+        let (reply_headers, body) = reply_message(encoding, task, &result, context);
         match inbox {
             Some(inbox) => {
                 if let Err(err) = client
@@ -253,6 +262,21 @@ impl Intake {
         }
     }
 
+    /// The task a message's subject names.
+    fn task_of(&self, message: &Message) -> Result<Task, ErrorBody> {
+        let name = message
+            .subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or_default();
+        name.parse().map_err(|_| {
+            ErrorBody::new(
+                ErrorCode::UnknownTask,
+                format!("unknown task `{name}`; this service serves embed and fill_mask"),
+            )
+        })
+    }
+
     /// Runs the request, telling the server it is still in progress every half `ack_wait`.
     async fn compute(
         &self,
@@ -261,20 +285,7 @@ impl Intake {
         received: Instant,
         context: &Context,
     ) -> Result<InferReply, ErrorBody> {
-        let task = message
-            .subject
-            .strip_prefix(self.prefix.as_str())
-            .and_then(|rest| rest.strip_prefix('.'))
-            .unwrap_or_default();
-        let task: Task = match task.parse() {
-            Ok(task) => task,
-            Err(_) => {
-                return Err(ErrorBody::new(
-                    ErrorCode::UnknownTask,
-                    format!("unknown task `{task}`; this service serves embed and fill_mask"),
-                ))
-            }
-        };
+        let task = self.task_of(message)?;
         let work = context.infer(task, message, encoding, received);
         tokio::pin!(work);
         let mut progress = tokio::time::interval(self.settings.ack_wait() / 2);

@@ -9,6 +9,7 @@ mod jetstream;
 pub mod model;
 mod service;
 pub mod stats;
+pub mod telemetry;
 
 pub use config::Config;
 pub use service::{run, Processor, ProcessorHandle};

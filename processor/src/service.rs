@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,11 +21,13 @@ use schemas::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::batcher::{BatchPolicy, Batcher, Workers};
 use crate::config::{Config, ServiceConfig, Transport};
 use crate::jetstream;
 use crate::model;
+use crate::telemetry::Telemetry;
 
 /// What an endpoint serves.
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +50,7 @@ pub(crate) struct Context {
     pub(crate) batcher: Batcher,
     limits: ServiceConfig,
     pub(crate) stats: Arc<ReplyStats>,
+    pub(crate) telemetry: Arc<Telemetry>,
 }
 
 /// A started processor: model loaded, endpoints subscribed. Call [`Processor::run_until`].
@@ -56,6 +60,8 @@ pub struct Processor {
     intake: Intake,
     context: Arc<Context>,
     workers: Workers,
+    /// The metrics and health listener, if `http.listen` is set.
+    http: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 /// Where requests come from.
@@ -76,18 +82,29 @@ impl Processor {
     /// Loads the model, connects to NATS and registers the service. When this returns, the
     /// endpoints are subscribed on the server and requests will be answered.
     pub async fn start(config: Config) -> anyhow::Result<Processor> {
+        // Health and metrics first: /readyz says "not ready" while the model loads.
+        let telemetry = Telemetry::new(&config);
+        let http = match config.http.listen.as_str() {
+            "" => None,
+            listen => Some(telemetry.serve(listen).await?),
+        };
         let policy = BatchPolicy::from(&config.batch);
         let model_config = config.model.clone();
         let workers = config.model.workers();
+        let loading = std::time::Instant::now();
         let (batcher, workers) = Batcher::start(policy, workers, move |index| {
             model::load(&model_config, index)
         })
         .await
         .context("loading the model")?;
+        telemetry.model_loaded(batcher.stats().clone(), loading.elapsed().as_secs_f64());
+        telemetry.model_warmed_up();
 
         let url = &config.nats.url;
-        let client = async_nats::ConnectOptions::new()
-            .name(&config.service.name)
+        let client = config
+            .nats
+            .connect_options(&config.service.name)
+            .await?
             .connect(url.as_str())
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
@@ -132,6 +149,7 @@ impl Processor {
             .flush()
             .await
             .context("flushing subscriptions to NATS")?;
+        telemetry.serving(client.clone());
         tracing::info!(
             model = batcher.model_name(),
             url = %url,
@@ -148,9 +166,21 @@ impl Processor {
                 batcher,
                 limits: config.service,
                 stats: reply_stats,
+                telemetry,
             }),
             workers,
+            http,
         })
+    }
+
+    /// Where `/metrics`, `/livez` and `/readyz` are served, if `http.listen` is set.
+    pub fn http_address(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(address, _)| *address)
+    }
+
+    /// The metrics in the Prometheus text format (as `/metrics` serves them).
+    pub fn metrics(&self) -> String {
+        self.context.telemetry.render()
     }
 
     /// Serves in a background task until [`ProcessorHandle::shutdown`] is called.
@@ -191,6 +221,7 @@ impl Processor {
         }
         shutdown.await;
         tracing::info!("shutting down: no new requests, answering the ones held");
+        self.context.telemetry.draining();
         stop.cancel();
         while loops.join_next().await.is_some() {}
         requests.close();
@@ -205,6 +236,9 @@ impl Processor {
         tokio::task::spawn_blocking(move || workers.join())
             .await
             .context("joining model workers")?;
+        if let Some((_, server)) = self.http {
+            server.abort();
+        }
         tracing::info!("processor stopped");
         Ok(())
     }
@@ -286,6 +320,23 @@ async fn serve_endpoint(
 }
 
 async fn handle(route: Route, request: Request, context: Arc<Context>) {
+    let span = request_span(&request.message);
+    handle_in_span(route, request, context)
+        .instrument(span)
+        .await
+}
+
+/// A span carrying the request's subject and `Request-Id` (if any) through its logs.
+pub(crate) fn request_span(message: &async_nats::Message) -> tracing::Span {
+    let id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::REQUEST_ID))
+        .map(|v| v.as_str().to_string());
+    tracing::debug_span!("request", subject = %message.subject, id)
+}
+
+async fn handle_in_span(route: Route, request: Request, context: Arc<Context>) {
     let received = Instant::now();
     let message = &request.message;
     let content_type = message
@@ -305,11 +356,11 @@ async fn handle(route: Route, request: Request, context: Arc<Context>) {
                 ErrorCode::UnknownTask,
                 format!("unknown task `{name}`; this service serves embed and fill_mask"),
             );
-            return reply(&request, encoding, Err(error), &context.stats).await;
+            return reply(&request, encoding, None, Err(error), &context).await;
         }
     };
     let result = context.infer(task, message, encoding, received).await;
-    reply(&request, encoding, result, &context.stats).await
+    reply(&request, encoding, Some(task), result, &context).await
 }
 
 impl Context {
@@ -330,9 +381,14 @@ impl Context {
         })?;
         let deadline = deadline(message.headers.as_ref(), &request, received)?;
         self.check(&request)?;
+        let request_id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::REQUEST_ID))
+            .map(|v| Arc::from(v.as_str()));
         let completed = self
             .batcher
-            .infer(task, request.inputs, request.options, deadline)
+            .infer_traced(task, request.inputs, request.options, deadline, request_id)
             .await?;
         Ok(InferReply {
             outputs: completed.outputs,
@@ -385,21 +441,27 @@ impl Context {
 async fn reply(
     request: &Request,
     encoding: Encoding,
+    task: Option<Task>,
     result: Result<InferReply, ErrorBody>,
-    stats: &ReplyStats,
+    context: &Context,
 ) {
-    let (reply_headers, body) = reply_message(encoding, &result, stats);
+    let (reply_headers, body) = reply_message(encoding, task, &result, context);
     if let Err(err) = request.respond_with_headers(Ok(body), reply_headers).await {
         tracing::warn!(%err, subject = %request.message.subject, "could not send a reply (no reply inbox?)");
     }
 }
 
-/// The headers and body of a reply (success or error), counted in `stats`.
+/// The headers and body of a reply (success or error), counted in the statistics.
 pub(crate) fn reply_message(
     encoding: Encoding,
+    task: Option<Task>,
     result: &Result<InferReply, ErrorBody>,
-    stats: &ReplyStats,
+    context: &Context,
 ) -> (HeaderMap, bytes::Bytes) {
+    let stats = &context.stats;
+    context
+        .telemetry
+        .count_request(task, result.as_ref().map(|_| ()));
     let mut reply_headers = HeaderMap::new();
     reply_headers.insert(headers::CONTENT_TYPE, encoding.media_type());
     let body = match result {

@@ -12,36 +12,52 @@ pub const TIME_BUCKETS: [f64; 15] = [
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// A histogram of durations with fixed buckets ([`TIME_BUCKETS`] plus one for larger).
+/// Upper bounds of the batch size histogram buckets, in inputs.
+pub const SIZE_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// A histogram with fixed buckets (the given bounds plus one for larger values).
 #[derive(Debug)]
 pub struct Histogram {
-    counts: [AtomicU64; TIME_BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            counts: std::array::from_fn(|_| AtomicU64::new(0)),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    /// Sum of observations in millionths of the unit (µs for seconds).
+    sum_micro: AtomicU64,
 }
 
 impl Histogram {
-    /// Records one duration.
-    pub fn observe(&self, value: Duration) {
-        let seconds = value.as_secs_f64();
-        let bucket = TIME_BUCKETS
-            .iter()
-            .position(|&bound| seconds <= bound)
-            .unwrap_or(TIME_BUCKETS.len());
-        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(value.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    /// An empty histogram with these bucket upper bounds (ascending).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micro: AtomicU64::new(0),
+        }
     }
 
-    /// Observations per bucket (not cumulative); the last bucket is everything above 10 s.
+    /// Records one duration, in seconds.
+    pub fn observe(&self, value: Duration) {
+        self.observe_value(value.as_secs_f64());
+    }
+
+    /// Records one value.
+    pub fn observe_value(&self, value: f64) {
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|&bound| value <= bound)
+            .unwrap_or(self.bounds.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_micro
+            .fetch_add((value * 1e6).round() as u64, Ordering::Relaxed);
+    }
+
+    /// The bucket upper bounds (the last bucket, above them all, has none).
+    pub fn bounds(&self) -> &'static [f64] {
+        self.bounds
+    }
+
+    /// Observations per bucket (not cumulative); the last bucket is everything above the
+    /// last bound.
     pub fn counts(&self) -> Vec<u64> {
         self.counts
             .iter()
@@ -54,9 +70,9 @@ impl Histogram {
         self.counts().iter().sum()
     }
 
-    /// Sum of all observations, in seconds.
-    pub fn sum_seconds(&self) -> f64 {
-        self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
+    /// Sum of all observations.
+    pub fn sum(&self) -> f64 {
+        self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6
     }
 
     /// Upper bound of the bucket holding the `q`-quantile (`None` when empty, infinity when it
@@ -72,7 +88,7 @@ impl Histogram {
         for (i, count) in counts.iter().enumerate() {
             seen += count;
             if seen >= rank {
-                return Some(TIME_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY));
+                return Some(self.bounds.get(i).copied().unwrap_or(f64::INFINITY));
             }
         }
         Some(f64::INFINITY)
@@ -81,7 +97,7 @@ impl Histogram {
     /// The histogram as JSON: count, sum, mean, p50/p99 bucket bounds and the buckets.
     pub fn to_json(&self) -> Value {
         let count = self.count();
-        let sum = self.sum_seconds();
+        let sum = self.sum();
         let bound = |q| {
             self.quantile_bound(q).map(|b| {
                 if b.is_finite() {
@@ -93,18 +109,18 @@ impl Histogram {
         };
         json!({
             "count": count,
-            "sum_seconds": sum,
-            "mean_seconds": if count == 0 { 0.0 } else { sum / count as f64 },
-            "p50_le_seconds": bound(0.5),
-            "p99_le_seconds": bound(0.99),
-            "bucket_le_seconds": TIME_BUCKETS,
+            "sum": sum,
+            "mean": if count == 0 { 0.0 } else { sum / count as f64 },
+            "p50_le": bound(0.5),
+            "p99_le": bound(0.99),
+            "bucket_le": self.bounds,
             "bucket_counts": self.counts(),
         })
     }
 }
 
 /// What the scheduler has done so far.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BatcherStats {
     /// Batches given to the model.
     pub batches: AtomicU64,
@@ -122,10 +138,31 @@ pub struct BatcherStats {
     pub queued: AtomicU64,
     /// Batches being computed right now.
     pub in_flight: AtomicU64,
-    /// How long each input waited in the queue before its batch started.
+    /// How long each input waited in the queue before its batch started, in seconds.
     pub queue_wait: Histogram,
-    /// How long each batch took the model.
+    /// How long each batch took the model, in seconds.
     pub compute: Histogram,
+    /// Inputs per batch.
+    pub batch_size: Histogram,
+}
+
+impl Default for BatcherStats {
+    fn default() -> Self {
+        let counter = || AtomicU64::new(0);
+        BatcherStats {
+            batches: counter(),
+            inputs: counter(),
+            tokens: counter(),
+            padded_tokens: counter(),
+            rejected: counter(),
+            expired: counter(),
+            queued: counter(),
+            in_flight: counter(),
+            queue_wait: Histogram::new(&TIME_BUCKETS),
+            compute: Histogram::new(&TIME_BUCKETS),
+            batch_size: Histogram::new(&SIZE_BUCKETS),
+        }
+    }
 }
 
 impl BatcherStats {
@@ -154,6 +191,7 @@ impl BatcherStats {
         self.tokens.fetch_add(tokens as u64, Ordering::Relaxed);
         self.padded_tokens
             .fetch_add((inputs * longest) as u64, Ordering::Relaxed);
+        self.batch_size.observe_value(inputs as f64);
     }
 
     /// Every figure as JSON (the `$SRV.STATS` endpoint data).
@@ -170,8 +208,9 @@ impl BatcherStats {
             "expired": load(&self.expired),
             "queued_inputs": load(&self.queued),
             "in_flight_batches": load(&self.in_flight),
-            "queue_wait": self.queue_wait.to_json(),
-            "compute": self.compute.to_json(),
+            "queue_wait_seconds": self.queue_wait.to_json(),
+            "compute_seconds": self.compute.to_json(),
+            "batch_size": self.batch_size.to_json(),
         })
     }
 }
@@ -190,7 +229,7 @@ mod tests {
 
     #[test]
     fn histogram_buckets_sum_and_quantiles() {
-        let histogram = Histogram::default();
+        let histogram = Histogram::new(&TIME_BUCKETS);
         assert_eq!(histogram.quantile_bound(0.5), None);
         for ms in [0.05, 0.8, 0.9, 3.0, 20_000.0] {
             histogram.observe(Duration::from_secs_f64(ms / 1000.0));
@@ -201,10 +240,10 @@ mod tests {
         assert_eq!(counts[4], 1); // ≤ 5 ms
         assert_eq!(counts[TIME_BUCKETS.len()], 1); // > 10 s
         assert_eq!(histogram.count(), 5);
-        assert!((histogram.sum_seconds() - 20.00475).abs() < 1e-6);
+        assert!((histogram.sum() - 20.00475).abs() < 1e-5);
         assert_eq!(histogram.quantile_bound(0.5), Some(0.001));
         assert_eq!(histogram.quantile_bound(1.0), Some(f64::INFINITY));
-        assert_eq!(histogram.to_json()["p99_le_seconds"], "+Inf");
+        assert_eq!(histogram.to_json()["p99_le"], "+Inf");
     }
 
     #[test]

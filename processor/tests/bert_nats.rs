@@ -14,6 +14,7 @@ use testkit::NatsServer;
 
 async fn start_bert(url: &str, path: std::path::PathBuf, prefix: &str) -> ProcessorHandle {
     let mut config = Config::default();
+    config.http.listen = "127.0.0.1:0".into();
     config.nats.url = url.to_string();
     config.model.kind = ModelKind::Bert;
     config.model.path = path;

@@ -7,6 +7,8 @@ fn processor() -> Command {
     // Run in an empty directory so a developer's processor.toml does not leak in.
     command.current_dir(std::env::temp_dir());
     command.env_remove("PROCESSOR_CONFIG");
+    // Tests run in parallel: no fixed metrics port.
+    command.env("PROCESSOR_HTTP__LISTEN", "127.0.0.1:0");
     command
 }
 

@@ -17,6 +17,7 @@ fn processor(url: &str, transport: &str, extra: &[(&str, &str)]) -> ChildProcess
     command
         .env("RUST_LOG", "info")
         .env("PROCESSOR_NATS__URL", url)
+        .env("PROCESSOR_HTTP__LISTEN", "127.0.0.1:0")
         .env("PROCESSOR_SERVICE__TRANSPORT", transport)
         .env("PROCESSOR_MODEL__KIND", "sim")
         .env("PROCESSOR_MODEL__BATCH_MS", "20")
@@ -323,4 +324,44 @@ async fn jetstream_redelivers_a_failed_batch_then_gives_up_with_an_error_reply()
     let info = consumer.info().await.unwrap();
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
     drop(processor);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_request_id_into_the_batch_that_computed_it() {
+    let server = NatsServer::start();
+    let processor = processor(
+        &server.url(),
+        "core",
+        &[
+            ("PROCESSOR_LOGGING__FORMAT", "json"),
+            ("RUST_LOG", "processor=debug"),
+        ],
+    );
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let mut request_headers = async_nats::HeaderMap::new();
+    request_headers.insert(schemas::headers::REQUEST_ID, "trace-me-42");
+    let reply = nats
+        .request_with_headers(
+            "bert.embed",
+            request_headers,
+            r#"{"inputs": ["hello"]}"#.into(),
+        )
+        .await
+        .unwrap();
+    assert!(reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(schemas::headers::SERVICE_ERROR_CODE))
+        .is_none());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = processor.log();
+    let batch_line = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|entry| entry["fields"]["message"] == "batch computed")
+        .unwrap_or_else(|| panic!("no JSON `batch computed` line in:\n{log}"));
+    let ids = batch_line["fields"]["request_ids"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(ids.contains("trace-me-42"), "{batch_line}");
 }

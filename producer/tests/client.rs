@@ -12,6 +12,7 @@ use testkit::NatsServer;
 
 async fn start_processor(url: &str, tweak: impl FnOnce(&mut Config)) -> ProcessorHandle {
     let mut config = Config::default();
+    config.http.listen = "127.0.0.1:0".into();
     config.nats.url = url.to_string();
     config.model.kind = ModelKind::Echo;
     tweak(&mut config);

@@ -30,6 +30,9 @@ pub mod headers {
     /// On requests: an absolute deadline, Unix time in milliseconds (for requesters whose
     /// clocks agree with the processors', or requests that wait in a stream).
     pub const REQUEST_DEADLINE_MS: &str = "Request-Deadline-Ms";
+    /// On requests (optional): an id of the caller's choosing, carried through the processor's
+    /// logs of the request and of the batch that computed it.
+    pub const REQUEST_ID: &str = "Request-Id";
     /// On requests sent through the JetStream transport: the inbox to reply to (JetStream
     /// uses the message's own reply subject for acknowledgements).
     pub const REPLY_INBOX: &str = "Reply-Inbox";

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use figment::providers::Serialized;
-use processor::config::Config;
+use processor::config::{Config, LogFormat};
 
 /// Batched BERT inference worker on NATS. Config layers: defaults < processor.toml (or
 /// --config) < PROCESSOR_SECTION__KEY environment variables < these flags.
@@ -68,12 +68,6 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let config = match cli.load_config() {
         Ok(config) => config,
         Err(err) => {
@@ -81,6 +75,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr);
+    match config.logging.format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     if cli.print_config {
         match toml::to_string_pretty(&config) {
             Ok(text) => {

@@ -1,0 +1,341 @@
+//! What an operator watches, on `http.listen`: Prometheus metrics at `/metrics`, liveness at
+//! `/livez` and readiness at `/readyz`.
+//!
+//! The scheduler's figures are read from [`BatcherStats`] at scrape time (the same numbers as
+//! `$SRV.STATS`), so nothing is counted twice.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use schemas::{ErrorBody, Task};
+
+use crate::stats::{BatcherStats, Histogram};
+
+/// Liveness fails only after NATS has been unreachable this long: a short server restart
+/// must not get every processor restarted too.
+const NATS_GRACE: Duration = Duration::from_secs(60);
+
+/// Labels of `bert_requests_total`.
+type RequestLabels = Vec<(&'static str, String)>;
+
+/// Metrics and health of one processor.
+pub struct Telemetry {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    state: Arc<State>,
+}
+
+/// What the scrape-time collector and the health checks read.
+#[derive(Debug, Default)]
+struct State {
+    batcher: OnceLock<Arc<BatcherStats>>,
+    nats: OnceLock<async_nats::Client>,
+    model_load_seconds: OnceLock<f64>,
+    /// The model is loaded and has computed one batch.
+    model_ready: AtomicBool,
+    /// Endpoints (or the JetStream pull) are up.
+    serving: AtomicBool,
+    /// Shutting down: no new requests.
+    draining: AtomicBool,
+    disconnected_since: Mutex<Option<Instant>>,
+}
+
+impl Telemetry {
+    /// Metrics for a processor of this version, model kind and transport.
+    pub fn new(config: &crate::Config) -> Arc<Telemetry> {
+        let state = Arc::new(State::default());
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "bert_requests",
+            "Requests answered, by task and outcome (ok, or the error kind)",
+            requests.clone(),
+        );
+        registry.register(
+            "bert_build",
+            "Version, model kind and transport of this processor",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION").to_string()),
+                (
+                    "model_kind",
+                    format!("{:?}", config.model.kind).to_lowercase(),
+                ),
+                (
+                    "device",
+                    format!("{:?}", config.model.device).to_lowercase(),
+                ),
+                (
+                    "transport",
+                    format!("{:?}", config.service.transport).to_lowercase(),
+                ),
+            ]),
+        );
+        registry.register_collector(Box::new(ScrapeTime(state.clone())));
+        Arc::new(Telemetry {
+            registry,
+            requests,
+            state,
+        })
+    }
+
+    /// Counts one answered request.
+    pub fn count_request(&self, task: Option<Task>, outcome: Result<(), &ErrorBody>) {
+        let task = task.map_or("unknown", Task::as_str).to_string();
+        let outcome = match outcome {
+            Ok(()) => "ok".to_string(),
+            Err(error) => error.kind.as_str().to_string(),
+        };
+        self.requests
+            .get_or_create(&vec![("task", task), ("outcome", outcome)])
+            .inc();
+    }
+
+    /// The model is loaded (after `seconds`) and the batcher's statistics can be read.
+    pub(crate) fn model_loaded(&self, stats: Arc<BatcherStats>, seconds: f64) {
+        let _ = self.state.batcher.set(stats);
+        let _ = self.state.model_load_seconds.set(seconds);
+    }
+
+    /// The model has computed its warm-up batch.
+    pub(crate) fn model_warmed_up(&self) {
+        self.state.model_ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Connected to NATS, and requests are being taken.
+    pub(crate) fn serving(&self, nats: async_nats::Client) {
+        let _ = self.state.nats.set(nats);
+        self.state.serving.store(true, Ordering::Relaxed);
+    }
+
+    /// Shutting down: readiness fails so that no new traffic is routed here.
+    pub(crate) fn draining(&self) {
+        self.state.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+
+    /// Binds `listen` and serves `/metrics`, `/livez` and `/readyz` in the background until
+    /// the returned handle is dropped or aborted. Returns the bound address.
+    pub async fn serve(
+        self: &Arc<Self>,
+        listen: &str,
+    ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding http.listen {listen}"))?;
+        let address = listener.local_addr()?;
+        let metrics = self.clone();
+        let live = self.clone();
+        let ready = self.clone();
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                get(move || async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        metrics.render(),
+                    )
+                }),
+            )
+            .route("/livez", get(move || async move { live.liveness() }))
+            .route("/readyz", get(move || async move { ready.readiness() }));
+        let server = tokio::spawn(async move {
+            if let Err(err) = axum::serve(listener, app).await {
+                tracing::error!(%err, "the HTTP listener stopped");
+            }
+        });
+        tracing::info!(%address, "http listening (/metrics, /livez, /readyz)");
+        Ok((address, server))
+    }
+
+    /// 200 while the process runs and NATS is connected (or was, less than a minute ago).
+    fn liveness(&self) -> impl IntoResponse {
+        let Some(nats) = self.state.nats.get() else {
+            return (
+                StatusCode::OK,
+                "alive; not connected to NATS yet\n".to_string(),
+            );
+        };
+        let connection = nats.connection_state();
+        let mut since = self.state.disconnected_since.lock().expect("lock");
+        if connection == async_nats::connection::State::Connected {
+            *since = None;
+            return (StatusCode::OK, "alive; NATS connected\n".to_string());
+        }
+        let down = since.get_or_insert_with(Instant::now).elapsed();
+        let status = if down > NATS_GRACE {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        (
+            status,
+            format!("NATS {connection:?} for {:.0} s\n", down.as_secs_f64()),
+        )
+    }
+
+    /// 200 once the model is warmed up and requests are taken; 503 before and while draining.
+    fn readiness(&self) -> impl IntoResponse {
+        let state = &self.state;
+        let reason = if state.draining.load(Ordering::Relaxed) {
+            Some("draining")
+        } else if !state.model_ready.load(Ordering::Relaxed) {
+            Some("model not loaded and warmed up yet")
+        } else if !state.serving.load(Ordering::Relaxed) {
+            Some("not taking requests yet")
+        } else {
+            None
+        };
+        match reason {
+            None => (StatusCode::OK, "ready\n".to_string()),
+            Some(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
+        }
+    }
+}
+
+/// Reads the scheduler's statistics and the connection state at each scrape.
+#[derive(Debug)]
+struct ScrapeTime(Arc<State>);
+
+impl Collector for ScrapeTime {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let state = &self.0;
+        let connected = state
+            .nats
+            .get()
+            .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
+        gauge(
+            &mut encoder,
+            "bert_nats_connected",
+            "1 while connected to NATS",
+            connected as i64,
+        )?;
+        if let Some(&seconds) = state.model_load_seconds.get() {
+            gauge(
+                &mut encoder,
+                "bert_model_load_seconds",
+                "Time taken to load the model",
+                seconds,
+            )?;
+        }
+        let Some(stats) = state.batcher.get() else {
+            return Ok(());
+        };
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        for (name, help, value) in [
+            ("bert_batches", "Batches computed", load(&stats.batches)),
+            ("bert_inputs", "Inputs computed", load(&stats.inputs)),
+            (
+                "bert_tokens",
+                "Tokens of the inputs computed",
+                load(&stats.tokens),
+            ),
+            (
+                "bert_padded_tokens",
+                "Token positions computed (inputs x longest input, per batch)",
+                load(&stats.padded_tokens),
+            ),
+            (
+                "bert_expired_requests",
+                "Requests whose deadline passed before their batch (answered 504)",
+                load(&stats.expired),
+            ),
+            (
+                "bert_rejected_requests",
+                "Requests refused because the queue was full (answered 503)",
+                load(&stats.rejected),
+            ),
+        ] {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+        }
+        gauge(
+            &mut encoder,
+            "bert_queue_depth",
+            "Inputs waiting for a batch",
+            load(&stats.queued) as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "bert_in_flight_batches",
+            "Batches being computed",
+            load(&stats.in_flight) as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "bert_padding_ratio",
+            "Share of computed token positions that were padding",
+            stats.padding_ratio(),
+        )?;
+        histogram(
+            &mut encoder,
+            "bert_batch_size",
+            "Inputs per batch",
+            &stats.batch_size,
+        )?;
+        histogram(
+            &mut encoder,
+            "bert_queue_wait_seconds",
+            "Time an input waited in the queue before its batch started",
+            &stats.queue_wait,
+        )?;
+        histogram(
+            &mut encoder,
+            "bert_compute_seconds",
+            "Time the model took per batch",
+            &stats.compute,
+        )
+    }
+}
+
+fn gauge<N>(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: N) -> std::fmt::Result
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn histogram(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    histogram: &Histogram,
+) -> std::fmt::Result {
+    let counts = histogram.counts();
+    let buckets: Vec<(f64, u64)> = histogram
+        .bounds()
+        .iter()
+        .copied()
+        .chain([f64::INFINITY])
+        .zip(counts.iter().copied())
+        .collect();
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    metric.encode_histogram::<NoLabelSet>(histogram.sum(), counts.iter().sum(), &buckets, None)
+}
