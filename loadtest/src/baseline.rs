@@ -1,0 +1,141 @@
+//! The figures each run is compared with, measured in the same run: the bare model's batched
+//! throughput (no NATS; the seed's "Batched" column) and the raw NATS request/reply ceiling (a
+//! responder that only echoes the bytes back).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use processor::model::bert::BertModel;
+use processor::model::{BatchModel, EchoModel, SimModel};
+use schemas::{encode, Encoding, InferOptions, InferRequest, Task};
+use testkit::NatsServer;
+
+use crate::{Cli, ModelArg};
+
+/// The baselines of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Baselines {
+    /// Inputs per second of the bare model, one worker, batches of `model_batch_size`.
+    pub model_inputs_per_s: f64,
+    /// The batch size it was measured at (`--max-batch-size`).
+    pub model_batch_size: usize,
+    /// Requests per second of plain NATS request/reply (echo responder) at the same
+    /// concurrency.
+    pub nats_echo_requests_per_s: f64,
+    /// Median latency of that request/reply, in milliseconds.
+    pub nats_echo_p50_ms: f64,
+}
+
+/// Measures both baselines.
+pub async fn measure(cli: &Cli, inputs: &[String]) -> anyhow::Result<Baselines> {
+    let model_inputs_per_s = {
+        let cli = cli.clone();
+        let batch: Vec<String> = (0..cli.max_batch_size)
+            .map(|i| inputs[i % inputs.len()].clone())
+            .collect();
+        tokio::task::spawn_blocking(move || bare_model(&cli, &batch)).await??
+    };
+    let (nats_echo_requests_per_s, nats_echo_p50_ms) = nats_echo(cli, inputs).await?;
+    Ok(Baselines {
+        model_inputs_per_s,
+        model_batch_size: cli.max_batch_size,
+        nats_echo_requests_per_s,
+        nats_echo_p50_ms,
+    })
+}
+
+/// Inputs/s of the model called directly on full batches (after one warm-up batch).
+fn bare_model(cli: &Cli, batch: &[String]) -> anyhow::Result<f64> {
+    let mut model: Box<dyn BatchModel> = match cli.model {
+        ModelArg::Echo => Box::new(EchoModel),
+        ModelArg::Sim => Box::new(SimModel::new(
+            Duration::from_secs_f64(cli.sim_batch_ms / 1000.0),
+            Duration::from_secs_f64(cli.sim_item_ms / 1000.0),
+        )),
+        ModelArg::Bert => Box::new(BertModel::load(
+            &cli.model_path,
+            &processor::model::cpu_device(),
+        )?),
+    };
+    let texts: Vec<&str> = batch.iter().map(String::as_str).collect();
+    let options = InferOptions {
+        truncate: Some(true),
+        ..InferOptions::default()
+    };
+    model.run_texts(Task::Embed, &texts, &options);
+    let started = Instant::now();
+    let mut inputs = 0;
+    let mut batches = 0;
+    while batches < 3 || started.elapsed() < Duration::from_secs(2) {
+        inputs += model.run_texts(Task::Embed, &texts, &options).len();
+        batches += 1;
+    }
+    Ok(inputs as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Plain request/reply through a nats-server with a responder that echoes the payload.
+async fn nats_echo(cli: &Cli, inputs: &[String]) -> anyhow::Result<(f64, f64)> {
+    let server = match &cli.server {
+        Some(_) => None,
+        None => Some(NatsServer::start()),
+    };
+    let url = cli
+        .server
+        .clone()
+        .unwrap_or_else(|| server.as_ref().expect("started").url());
+    let subject = format!("loadtest{}.echo", std::process::id());
+    let responder = async_nats::connect(&url).await?;
+    let mut requests = responder.subscribe(subject.clone()).await?;
+    let echo = tokio::spawn(async move {
+        while let Some(message) = requests.next().await {
+            if let Some(reply) = message.reply {
+                let _ = responder.publish(reply, message.payload).await;
+            }
+        }
+    });
+    let client = async_nats::connect(&url).await?;
+    let request =
+        InferRequest::new((0..cli.inputs_per_request).map(|i| inputs[i % inputs.len()].clone()));
+    let payload = bytes::Bytes::from(encode(Encoding::Cbor, &request)?);
+    let concurrency = cli.concurrency.unwrap_or(256);
+    let completed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let measure = Duration::from_secs(2);
+    let mut lanes = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, subject, payload, completed) = (
+            client.clone(),
+            subject.clone(),
+            payload.clone(),
+            completed.clone(),
+        );
+        lanes.spawn(async move {
+            let mut latencies = Vec::new();
+            while started.elapsed() < measure {
+                let sent = Instant::now();
+                if client
+                    .request(subject.clone(), payload.clone())
+                    .await
+                    .is_ok()
+                {
+                    latencies.push(sent.elapsed());
+                    completed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            latencies
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(lane) = lanes.join_next().await {
+        latencies.extend(lane?);
+    }
+    let rate = completed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    echo.abort();
+    latencies.sort();
+    let p50 = latencies
+        .get(latencies.len() / 2)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    Ok((rate, p50))
+}

@@ -1,0 +1,252 @@
+//! `loadtest`: for each worker count, a fresh nats-server and that many `processor` processes,
+//! load driven through NATS, and the figures that say what it means: the bare model's batched
+//! throughput and the raw NATS request/reply ceiling, measured in the same run.
+//!
+//!   cargo build --release -p processor -p loadtest
+//!   target/release/loadtest --workers 1,2,4,8 --model sim --duration 10s --json out.json --plot out.svg
+
+mod baseline;
+mod drive;
+mod report;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use producer::{Client, ClientOptions};
+use testkit::{ChildProcess, NatsServer};
+
+use crate::drive::Load;
+use crate::report::{Report, Run};
+
+/// Throughput and latency of the processors by worker count, through a real NATS.
+#[derive(Debug, Clone, Parser)]
+#[command(version)]
+pub struct Cli {
+    /// Worker (processor process) counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    workers: Vec<usize>,
+    /// The model the processors serve.
+    #[arg(long, value_enum, default_value_t = ModelArg::Sim)]
+    model: ModelArg,
+    /// `bert`: the checkpoint directory.
+    #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
+    model_path: PathBuf,
+    /// `sim`: fixed cost of a batch, in milliseconds.
+    #[arg(long, default_value_t = 20.0)]
+    sim_batch_ms: f64,
+    /// `sim`: cost of each input of a batch, in milliseconds.
+    #[arg(long, default_value_t = 0.25)]
+    sim_item_ms: f64,
+    /// `batch.max_size` of the processors (and the bare model's batch size).
+    #[arg(long, default_value_t = 32)]
+    max_batch_size: usize,
+    /// How long to measure each worker count.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Load before measuring (not counted).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Closed loop: requests kept in flight (default 256 unless --rate is given).
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: requests per second, each timed from its scheduled send time.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Inputs, one per line (default: built-in sentences of 8 to 128 tokens).
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// Inputs per request.
+    #[arg(long, default_value_t = 1)]
+    inputs_per_request: usize,
+    /// Use this NATS server (e.g. a cluster) instead of starting one per worker count.
+    #[arg(long)]
+    server: Option<String>,
+    /// Write every figure as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write an SVG plot of throughput and p99 latency against workers here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// The `processor` binary (default: next to this one).
+    #[arg(long)]
+    processor_bin: Option<PathBuf>,
+}
+
+/// Which model the processors serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelArg {
+    /// Returns the inputs: the middleware alone.
+    Echo,
+    /// A simulated accelerator that sleeps per batch (each worker its own device).
+    Sim,
+    /// The BERT checkpoint at --model-path on the CPU.
+    Bert,
+}
+
+impl ModelArg {
+    /// Whether workers add compute (each sim worker is its own device) or share the CPU.
+    fn scales_with_workers(self) -> bool {
+        self == ModelArg::Sim
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tokio::select! {
+        result = run(cli) => match result {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("loadtest: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            // Dropping the run stops every process it started (ChildProcess/NatsServer kill on drop).
+            eprintln!("loadtest: interrupted; stopping the processes it started");
+            std::process::ExitCode::from(130)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let processor_bin = match &cli.processor_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("processor"),
+    };
+    anyhow::ensure!(
+        processor_bin.is_file(),
+        "no processor binary at {} (build it with `cargo build --release -p processor`, or pass --processor-bin)",
+        processor_bin.display()
+    );
+    let inputs = drive::inputs(cli.inputs.as_deref())?;
+    let load = match cli.rate {
+        Some(rate) => Load::Open { rate },
+        None => Load::Closed {
+            concurrency: cli.concurrency.unwrap_or(256),
+        },
+    };
+
+    eprintln!("measuring baselines…");
+    let baselines = baseline::measure(&cli, &inputs).await?;
+    let mut report = Report::new(&cli, load, baselines);
+    for &workers in &cli.workers {
+        let run = measure_workers(
+            &cli,
+            &processor_bin,
+            &inputs,
+            load,
+            workers,
+            &mut report.pids,
+        )
+        .await?;
+        report.print_row(&run);
+        report.runs.push(run);
+    }
+    report.finish(&cli)
+}
+
+/// One worker count: a server (unless given), `workers` processors, warm-up, measurement.
+async fn measure_workers(
+    cli: &Cli,
+    processor_bin: &std::path::Path,
+    inputs: &[String],
+    load: Load,
+    workers: usize,
+    pids: &mut Vec<u32>,
+) -> anyhow::Result<Run> {
+    let server = match &cli.server {
+        Some(_) => None,
+        None => Some(NatsServer::start()),
+    };
+    let url = cli
+        .server
+        .clone()
+        .unwrap_or_else(|| server.as_ref().expect("started").url());
+    if let Some(server) = &server {
+        pids.push(server.pid());
+    }
+    // A prefix of its own, so that runs against a shared server do not mix.
+    let prefix = format!("loadtest{}w{workers}", std::process::id());
+    let mut processors = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let process = ChildProcess::spawn(
+            processor_command(cli, processor_bin, &url, &prefix),
+            "processor ready",
+            Duration::from_secs(180),
+        );
+        pids.push(process.pid());
+        processors.push(process);
+    }
+    let options = ClientOptions {
+        prefix: prefix.clone(),
+        timeout: Duration::from_secs(30),
+        retries: 0,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect_with(&url, options)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let nats = async_nats::connect(&url).await?;
+
+    drive::drive(
+        &client,
+        inputs,
+        cli.inputs_per_request,
+        load,
+        cli.warmup,
+        None,
+    )
+    .await;
+    let before = report::batch_counters(&nats, &prefix).await;
+    let label = format!("{workers} worker(s)");
+    let outcome = drive::drive(
+        &client,
+        inputs,
+        cli.inputs_per_request,
+        load,
+        cli.duration,
+        Some(&label),
+    )
+    .await;
+    let after = report::batch_counters(&nats, &prefix).await;
+
+    for process in &processors {
+        process.terminate();
+    }
+    for mut process in processors {
+        tokio::task::spawn_blocking(move || process.wait(Duration::from_secs(60))).await?;
+    }
+    drop(server);
+    Ok(Run::new(workers, cli, outcome, before, after))
+}
+
+fn processor_command(cli: &Cli, bin: &std::path::Path, url: &str, prefix: &str) -> Command {
+    let kind = match cli.model {
+        ModelArg::Echo => "echo",
+        ModelArg::Sim => "sim",
+        ModelArg::Bert => "bert",
+    };
+    let mut command = Command::new(bin);
+    command
+        .env_remove("PROCESSOR_CONFIG")
+        .env("RUST_LOG", "warn,processor=info")
+        .env("PROCESSOR_NATS__URL", url)
+        .env("PROCESSOR_SERVICE__SUBJECT_PREFIX", prefix)
+        .env("PROCESSOR_SERVICE__QUEUE_GROUP", prefix)
+        .env("PROCESSOR_SERVICE__NAME", prefix)
+        .env("PROCESSOR_SERVICE__REPLY_UNKNOWN_TASKS", "false")
+        .env("PROCESSOR_HTTP__LISTEN", "")
+        .env("PROCESSOR_MODEL__KIND", kind)
+        .env("PROCESSOR_MODEL__PATH", &cli.model_path)
+        .env("PROCESSOR_MODEL__BATCH_MS", cli.sim_batch_ms.to_string())
+        .env("PROCESSOR_MODEL__ITEM_MS", cli.sim_item_ms.to_string())
+        .env("PROCESSOR_BATCH__MAX_SIZE", cli.max_batch_size.to_string())
+        .env("PROCESSOR_BATCH__QUEUE_CAPACITY", "65536")
+        .env("PROCESSOR_SERVICE__MAX_INPUTS", "1024");
+    command
+}

@@ -1,0 +1,251 @@
+//! The results: a table like the seed's, a JSON file with every figure, and an SVG plot.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use plotters::prelude::*;
+
+use crate::baseline::Baselines;
+use crate::drive::{Load, Outcome};
+use crate::{Cli, ModelArg};
+
+/// One worker count's figures.
+#[derive(Debug, serde::Serialize)]
+pub struct Run {
+    pub workers: usize,
+    pub requests: u64,
+    pub requests_per_s: f64,
+    pub inputs_per_s: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub errors: u64,
+    pub error_samples: Vec<String>,
+    /// Mean inputs per batch over the measurement, from the processors' `$SRV.STATS`.
+    pub mean_batch_size: f64,
+    /// inputs/s over the ideal: workers × the bare model for `sim` (each worker is its own
+    /// simulated device), the bare model alone for `echo` and `bert` (workers share the CPU).
+    pub efficiency: f64,
+    /// inputs/s over the bare model's inputs/s.
+    pub vs_bare_model: f64,
+    /// requests/s over the plain NATS echo ceiling.
+    pub vs_nats_echo: f64,
+}
+
+/// Everything a run of the tool measured.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub model: ModelArg,
+    pub load: Load,
+    pub inputs_per_request: usize,
+    pub duration_s: f64,
+    pub max_batch_size: usize,
+    pub baselines: Baselines,
+    pub runs: Vec<Run>,
+    /// Every process the tool started (nats-servers and processors), all stopped at the end.
+    pub pids: Vec<u32>,
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+impl Run {
+    /// The figures of one worker count from its outcome and the batch counters around it.
+    pub fn new(
+        workers: usize,
+        cli: &Cli,
+        outcome: Outcome,
+        before: (u64, u64),
+        after: (u64, u64),
+    ) -> Run {
+        let mut latencies = outcome.latencies;
+        latencies.sort();
+        let quantile = |q: f64| {
+            if latencies.is_empty() {
+                return 0.0;
+            }
+            let index = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len());
+            ms(latencies[index - 1])
+        };
+        let seconds = outcome.elapsed.as_secs_f64().max(1e-9);
+        let requests = latencies.len() as u64;
+        let requests_per_s = requests as f64 / seconds;
+        let (inputs, batches) = (
+            after.0.saturating_sub(before.0),
+            after.1.saturating_sub(before.1),
+        );
+        Run {
+            workers,
+            requests,
+            requests_per_s,
+            inputs_per_s: requests_per_s * cli.inputs_per_request as f64,
+            p50_ms: quantile(0.5),
+            p90_ms: quantile(0.9),
+            p99_ms: quantile(0.99),
+            max_ms: quantile(1.0),
+            errors: outcome.errors,
+            error_samples: outcome.error_samples,
+            mean_batch_size: if batches == 0 {
+                0.0
+            } else {
+                inputs as f64 / batches as f64
+            },
+            efficiency: 0.0,
+            vs_bare_model: 0.0,
+            vs_nats_echo: 0.0,
+        }
+    }
+}
+
+impl Report {
+    /// An empty report; prints the baselines and the table header.
+    pub fn new(cli: &Cli, load: Load, baselines: Baselines) -> Report {
+        println!(
+            "model {:?}, {load:?}, {} input(s) per request, batch.max_size {}, {:?} per worker count",
+            cli.model, cli.inputs_per_request, cli.max_batch_size, cli.duration
+        );
+        println!(
+            "baselines: bare model {:.1} inputs/s at batch {}; plain NATS echo {:.0} requests/s (p50 {:.3} ms)",
+            baselines.model_inputs_per_s,
+            baselines.model_batch_size,
+            baselines.nats_echo_requests_per_s,
+            baselines.nats_echo_p50_ms
+        );
+        println!();
+        println!("| workers | requests/s | inputs/s | p50 ms | p90 ms | p99 ms | max ms | mean batch | errors | efficiency |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        Report {
+            model: cli.model,
+            load,
+            inputs_per_request: cli.inputs_per_request,
+            duration_s: cli.duration.as_secs_f64(),
+            max_batch_size: cli.max_batch_size,
+            baselines,
+            runs: Vec::new(),
+            pids: Vec::new(),
+        }
+    }
+
+    /// Fills in the ratios and prints the run's row.
+    pub fn print_row(&self, run: &Run) {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {:.0}% |",
+            run.workers,
+            run.requests_per_s,
+            run.inputs_per_s,
+            run.p50_ms,
+            run.p90_ms,
+            run.p99_ms,
+            run.max_ms,
+            run.mean_batch_size,
+            run.errors,
+            self.efficiency(run) * 100.0
+        );
+    }
+
+    fn efficiency(&self, run: &Run) -> f64 {
+        let ideal = if self.model.scales_with_workers() {
+            self.baselines.model_inputs_per_s * run.workers as f64
+        } else {
+            self.baselines.model_inputs_per_s
+        };
+        run.inputs_per_s / ideal.max(1e-9)
+    }
+
+    /// Computes the ratios, writes the JSON and the plot.
+    pub fn finish(mut self, cli: &Cli) -> anyhow::Result<()> {
+        let (bare, echo) = (
+            self.baselines.model_inputs_per_s.max(1e-9),
+            self.baselines.nats_echo_requests_per_s.max(1e-9),
+        );
+        for i in 0..self.runs.len() {
+            let efficiency = self.efficiency(&self.runs[i]);
+            let run = &mut self.runs[i];
+            run.efficiency = efficiency;
+            run.vs_bare_model = run.inputs_per_s / bare;
+            run.vs_nats_echo = run.requests_per_s / echo;
+        }
+        for run in self.runs.iter().filter(|r| r.errors > 0) {
+            eprintln!(
+                "{} worker(s): {} errors, e.g. {:?}",
+                run.workers, run.errors, run.error_samples
+            );
+        }
+        if let Some(path) = &cli.json {
+            std::fs::write(path, serde_json::to_string_pretty(&self)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        if let Some(path) = &cli.plot {
+            self.plot(path)?;
+            eprintln!("wrote {}", path.display());
+        }
+        Ok(())
+    }
+
+    /// Throughput (top) and p99 latency (bottom) against workers.
+    fn plot(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let root = SVGBackend::new(path, (800, 700)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (top, bottom) = root.split_vertically(350);
+        let max_workers = self.runs.iter().map(|r| r.workers).max().unwrap_or(1) as f64;
+        let x_range = 0.0..max_workers + 1.0;
+        let series = |f: fn(&Run) -> f64| -> Vec<(f64, f64)> {
+            self.runs.iter().map(|r| (r.workers as f64, f(r))).collect()
+        };
+        let panels = [
+            (&top, "throughput", "inputs/s", series(|r| r.inputs_per_s)),
+            (&bottom, "p99 latency", "ms", series(|r| r.p99_ms)),
+        ];
+        for (area, title, unit, points) in panels {
+            let top_y = points.iter().map(|p| p.1).fold(0.0, f64::max) * 1.15 + 1e-9;
+            let mut chart = ChartBuilder::on(area)
+                .caption(
+                    format!("{title} by workers ({:?} model)", self.model),
+                    ("sans-serif", 20),
+                )
+                .margin(10)
+                .x_label_area_size(35)
+                .y_label_area_size(70)
+                .build_cartesian_2d(x_range.clone(), 0.0..top_y)?;
+            chart
+                .configure_mesh()
+                .x_desc("workers")
+                .y_desc(unit)
+                .draw()?;
+            chart.draw_series(LineSeries::new(points.clone(), &BLUE))?;
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
+        }
+        root.present()?;
+        Ok(())
+    }
+}
+
+/// (inputs, batches) summed over the processors answering `$SRV.STATS.{service}`.
+pub async fn batch_counters(nats: &async_nats::Client, service: &str) -> (u64, u64) {
+    let inbox = nats.new_inbox();
+    let Ok(mut replies) = nats.subscribe(inbox.clone()).await else {
+        return (0, 0);
+    };
+    if nats
+        .publish_with_reply(format!("$SRV.STATS.{service}"), inbox, "".into())
+        .await
+        .is_err()
+    {
+        return (0, 0);
+    }
+    let (mut inputs, mut batches) = (0, 0);
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(300), replies.next()).await
+    {
+        let Ok(stats) = serde_json::from_slice::<serde_json::Value>(&message.payload) else {
+            continue;
+        };
+        let data = &stats["endpoints"][0]["data"];
+        inputs += data["inputs"].as_u64().unwrap_or(0);
+        batches += data["batches"].as_u64().unwrap_or(0);
+    }
+    (inputs, batches)
+}

@@ -1,0 +1,105 @@
+//! A short real run: echo model, two worker counts; the JSON has every figure and no process
+//! the tool started is left behind.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The `processor` binary of this workspace, built if needed (it is another package's binary,
+/// so cargo does not hand its path to this test; `cargo test --workspace` has built it).
+fn processor_binary() -> PathBuf {
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_loadtest")).with_file_name("processor");
+    if binary.is_file() {
+        return binary;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "processor", "--bin", "processor"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "building the processor binary");
+    binary
+}
+
+fn is_running(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.contains(") Z "),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn a_short_echo_run_reports_every_figure_and_stops_its_processes() {
+    let dir = std::env::temp_dir().join(format!("loadtest-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, plot) = (dir.join("run.json"), dir.join("run.svg"));
+    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["--workers", "1,2", "--model", "echo", "--duration", "2s"])
+        .args([
+            "--warmup",
+            "300ms",
+            "--concurrency",
+            "16",
+            "--inputs-per-request",
+            "2",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg("--plot")
+        .arg(&plot)
+        .arg("--processor-bin")
+        .arg(processor_binary())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("| workers | requests/s |"), "{stdout}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (run, workers) in runs.iter().zip([1, 2]) {
+        assert_eq!(run["workers"], workers);
+        for key in [
+            "requests_per_s",
+            "inputs_per_s",
+            "p50_ms",
+            "p99_ms",
+            "mean_batch_size",
+        ] {
+            assert!(run[key].as_f64().unwrap() > 0.0, "{key} in {run}");
+        }
+        assert_eq!(run["errors"], 0, "{run}");
+        let (requests, inputs) = (
+            run["requests_per_s"].as_f64().unwrap(),
+            run["inputs_per_s"].as_f64().unwrap(),
+        );
+        assert!(
+            (inputs - 2.0 * requests).abs() < 1e-6,
+            "two inputs per request"
+        );
+        assert!(run["p99_ms"].as_f64() >= run["p50_ms"].as_f64());
+    }
+    for key in ["model_inputs_per_s", "nats_echo_requests_per_s"] {
+        assert!(report["baselines"][key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("workers"),
+        "an SVG plot"
+    );
+
+    // One nats-server per worker count plus 1 + 2 processors, all gone.
+    let pids: Vec<u64> = report["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2 + 3);
+    let alive: Vec<u64> = pids.into_iter().filter(|&pid| is_running(pid)).collect();
+    assert!(alive.is_empty(), "left running: {alive:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
