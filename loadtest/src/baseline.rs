@@ -10,7 +10,6 @@ use futures::StreamExt;
 use processor::model::bert::BertModel;
 use processor::model::{BatchModel, EchoModel, SimModel};
 use schemas::{encode, Encoding, InferOptions, InferRequest, Task};
-use testkit::NatsServer;
 
 use crate::{Cli, ModelArg};
 
@@ -29,7 +28,11 @@ pub struct Baselines {
 }
 
 /// Measures both baselines.
-pub async fn measure(cli: &Cli, inputs: &[String]) -> anyhow::Result<Baselines> {
+pub async fn measure(
+    cli: &Cli,
+    inputs: &[String],
+    pids: &mut Vec<u32>,
+) -> anyhow::Result<Baselines> {
     let model_inputs_per_s = {
         let cli = cli.clone();
         let batch: Vec<String> = (0..cli.max_batch_size)
@@ -37,7 +40,7 @@ pub async fn measure(cli: &Cli, inputs: &[String]) -> anyhow::Result<Baselines> 
             .collect();
         tokio::task::spawn_blocking(move || bare_model(&cli, &batch)).await??
     };
-    let (nats_echo_requests_per_s, nats_echo_p50_ms) = nats_echo(cli, inputs).await?;
+    let (nats_echo_requests_per_s, nats_echo_p50_ms) = nats_echo(cli, inputs, pids).await?;
     Ok(Baselines {
         model_inputs_per_s,
         model_batch_size: cli.max_batch_size,
@@ -76,15 +79,12 @@ fn bare_model(cli: &Cli, batch: &[String]) -> anyhow::Result<f64> {
 }
 
 /// Plain request/reply through a nats-server with a responder that echoes the payload.
-async fn nats_echo(cli: &Cli, inputs: &[String]) -> anyhow::Result<(f64, f64)> {
-    let server = match &cli.server {
-        Some(_) => None,
-        None => Some(NatsServer::start()),
-    };
-    let url = cli
-        .server
-        .clone()
-        .unwrap_or_else(|| server.as_ref().expect("started").url());
+async fn nats_echo(
+    cli: &Cli,
+    inputs: &[String],
+    pids: &mut Vec<u32>,
+) -> anyhow::Result<(f64, f64)> {
+    let (_server, url) = cli.nats_server(pids);
     let subject = format!("loadtest{}.echo", std::process::id());
     let responder = async_nats::connect(&url).await?;
     let mut requests = responder.subscribe(subject.clone()).await?;

@@ -87,6 +87,21 @@ pub enum ModelArg {
     Bert,
 }
 
+impl Cli {
+    /// The `--server` URL, or a fresh nats-server (its pid recorded in `pids`) and its URL.
+    fn nats_server(&self, pids: &mut Vec<u32>) -> (Option<NatsServer>, String) {
+        match &self.server {
+            Some(url) => (None, url.clone()),
+            None => {
+                let server = NatsServer::start();
+                pids.push(server.pid());
+                let url = server.url();
+                (Some(server), url)
+            }
+        }
+    }
+}
+
 impl ModelArg {
     /// Whether workers add compute (each sim worker is its own device) or share the CPU.
     fn scales_with_workers(self) -> bool {
@@ -132,8 +147,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
 
     eprintln!("measuring baselines…");
-    let baselines = baseline::measure(&cli, &inputs).await?;
+    let mut pids = Vec::new();
+    let baselines = baseline::measure(&cli, &inputs, &mut pids).await?;
     let mut report = Report::new(&cli, load, baselines);
+    report.pids = pids;
     for &workers in &cli.workers {
         let run = measure_workers(
             &cli,
@@ -159,17 +176,7 @@ async fn measure_workers(
     workers: usize,
     pids: &mut Vec<u32>,
 ) -> anyhow::Result<Run> {
-    let server = match &cli.server {
-        Some(_) => None,
-        None => Some(NatsServer::start()),
-    };
-    let url = cli
-        .server
-        .clone()
-        .unwrap_or_else(|| server.as_ref().expect("started").url());
-    if let Some(server) = &server {
-        pids.push(server.pid());
-    }
+    let (server, url) = cli.nats_server(pids);
     // A prefix of its own, so that runs against a shared server do not mix.
     let prefix = format!("loadtest{}w{workers}", std::process::id());
     let mut processors = Vec::with_capacity(workers);

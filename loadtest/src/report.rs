@@ -43,7 +43,8 @@ pub struct Report {
     pub max_batch_size: usize,
     pub baselines: Baselines,
     pub runs: Vec<Run>,
-    /// Every process the tool started (nats-servers and processors), all stopped at the end.
+    /// Every process the tool started (nats-servers, for the baseline and per worker count, and
+    /// processors), all stopped at the end.
     pub pids: Vec<u32>,
 }
 

@@ -91,14 +91,14 @@ fn a_short_echo_run_reports_every_figure_and_stops_its_processes() {
         "an SVG plot"
     );
 
-    // One nats-server per worker count plus 1 + 2 processors, all gone.
+    // A nats-server for the baseline and one per worker count, plus 1 + 2 processors: gone.
     let pids: Vec<u64> = report["pids"]
         .as_array()
         .unwrap()
         .iter()
         .map(|p| p.as_u64().unwrap())
         .collect();
-    assert_eq!(pids.len(), 2 + 3);
+    assert_eq!(pids.len(), 1 + 2 + 3);
     let alive: Vec<u64> = pids.into_iter().filter(|&pid| is_running(pid)).collect();
     assert!(alive.is_empty(), "left running: {alive:?}");
     let _ = std::fs::remove_dir_all(&dir);
