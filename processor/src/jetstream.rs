@@ -206,6 +206,7 @@ impl Intake {
         };
         let inbox = header(headers::REPLY_INBOX);
         let encoding = Encoding::detect(header(headers::CONTENT_TYPE).as_deref(), &message.payload);
+        let task = self.task_of(&message);
         let (delivered, age) = match message.info() {
             Ok(info) => (info.delivered.max(1) as u32, age_of(info.published)),
             Err(_) => (1, Duration::ZERO),
@@ -221,7 +222,13 @@ impl Intake {
         } else {
             // Deadline budgets count from when the stream received the request.
             let received = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-            self.compute(&message, encoding, received, context).await
+            match &task {
+                Ok(task) => {
+                    self.compute(*task, &message, encoding, received, context)
+                        .await
+                }
+                Err(unknown) => Err(unknown.clone()),
+            }
         };
 
         let retry =
@@ -233,8 +240,7 @@ impl Intake {
             }
             return;
         }
-        let task = self.task_of(&message).ok();
-        let (reply_headers, body) = reply_message(encoding, task, &result, context);
+        let (reply_headers, body) = reply_message(encoding, task.ok(), &result, context);
         match inbox {
             Some(inbox) => {
                 if let Err(err) = client
@@ -280,12 +286,12 @@ impl Intake {
     /// Runs the request, telling the server it is still in progress every half `ack_wait`.
     async fn compute(
         &self,
+        task: Task,
         message: &Message,
         encoding: Encoding,
         received: Instant,
         context: &Context,
     ) -> Result<InferReply, ErrorBody> {
-        let task = self.task_of(message)?;
         let work = context.infer(task, message, encoding, received);
         tokio::pin!(work);
         let mut progress = tokio::time::interval(self.settings.ack_wait() / 2);
