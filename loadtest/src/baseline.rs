@@ -2,12 +2,13 @@
 //! throughput (no NATS; the seed's "Batched" column) and the raw NATS request/reply ceiling (a
 //! responder that only echoes the bytes back).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use futures::StreamExt;
-use processor::model::bert::BertModel;
 use processor::model::{BatchModel, EchoModel, SimModel};
 use schemas::{encode, Encoding, InferOptions, InferRequest, Task};
 
@@ -30,15 +31,20 @@ pub struct Baselines {
 /// Measures both baselines.
 pub async fn measure(
     cli: &Cli,
+    processor_bin: &Path,
     inputs: &[String],
     pids: &mut Vec<u32>,
 ) -> anyhow::Result<Baselines> {
     let model_inputs_per_s = {
-        let cli = cli.clone();
+        let (cli, processor_bin) = (cli.clone(), processor_bin.to_path_buf());
         let batch: Vec<String> = (0..cli.max_batch_size)
             .map(|i| inputs[i % inputs.len()].clone())
             .collect();
-        tokio::task::spawn_blocking(move || bare_model(&cli, &batch)).await??
+        tokio::task::spawn_blocking(move || match cli.model {
+            ModelArg::Bert => bare_bert(&cli, &processor_bin, &batch),
+            _ => bare_model(&cli, &batch),
+        })
+        .await??
     };
     let (nats_echo_requests_per_s, nats_echo_p50_ms) = nats_echo(cli, inputs, pids).await?;
     Ok(Baselines {
@@ -49,6 +55,47 @@ pub async fn measure(
     })
 }
 
+/// Inputs/s of the BERT model on full batches of `batch`, measured by `processor bench` of the
+/// processor binary under test, on its device and in its precision (so a GPU run is compared
+/// with the same GPU).
+fn bare_bert(cli: &Cli, processor_bin: &Path, batch: &[String]) -> anyhow::Result<f64> {
+    let dir = std::env::temp_dir().join(format!("loadtest-bare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (texts, json) = (dir.join("batch.txt"), dir.join("bench.json"));
+    // Inputs longer than the model takes are cut, as the processors are asked to (truncate).
+    std::fs::write(&texts, batch.join("\n"))?;
+    let output = std::process::Command::new(processor_bin)
+        .arg("bench")
+        .arg("--inputs")
+        .arg(&texts)
+        .args([
+            "--batch-sizes",
+            &batch.len().to_string(),
+            "--min-time",
+            "2s",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .env_remove("PROCESSOR_CONFIG")
+        .env("PROCESSOR_MODEL__KIND", "bert")
+        .env("PROCESSOR_MODEL__PATH", &cli.model_path)
+        .env("PROCESSOR_MODEL__DEVICE", &cli.device)
+        .env("PROCESSOR_MODEL__DTYPE", &cli.dtype)
+        .output()
+        .with_context(|| format!("running {} bench", processor_bin.display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{} bench failed: {}",
+        processor_bin.display(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    report["rows"][0]["sentences_per_s"]
+        .as_f64()
+        .context("processor bench wrote no sentences_per_s")
+}
+
 /// Inputs/s of the model called directly on full batches (after one warm-up batch).
 fn bare_model(cli: &Cli, batch: &[String]) -> anyhow::Result<f64> {
     let mut model: Box<dyn BatchModel> = match cli.model {
@@ -57,10 +104,7 @@ fn bare_model(cli: &Cli, batch: &[String]) -> anyhow::Result<f64> {
             Duration::from_secs_f64(cli.sim_batch_ms / 1000.0),
             Duration::from_secs_f64(cli.sim_item_ms / 1000.0),
         )),
-        ModelArg::Bert => Box::new(BertModel::load(
-            &cli.model_path,
-            &processor::model::cpu_device(),
-        )?),
+        ModelArg::Bert => unreachable!("bert is measured by `processor bench`"),
     };
     let texts: Vec<&str> = batch.iter().map(String::as_str).collect();
     let options = InferOptions {

@@ -34,6 +34,13 @@ pub struct Cli {
     /// `bert`: the checkpoint directory.
     #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
     model_path: PathBuf,
+    /// `bert`: the processors' `model.device` (`cuda` needs a processor built with
+    /// scripts/build-cuda; each worker then uses GPU 0 unless `PROCESSOR_MODEL__DEVICES` says).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// `bert`: the processors' `model.dtype` (f32, f16, bf16).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// `sim`: fixed cost of a batch, in milliseconds.
     #[arg(long, default_value_t = 20.0)]
     sim_batch_ms: f64,
@@ -83,7 +90,7 @@ pub enum ModelArg {
     Echo,
     /// A simulated accelerator that sleeps per batch (each worker its own device).
     Sim,
-    /// The BERT checkpoint at --model-path on the CPU.
+    /// The BERT checkpoint at --model-path on --device.
     Bert,
 }
 
@@ -148,7 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     eprintln!("measuring baselines…");
     let mut pids = Vec::new();
-    let baselines = baseline::measure(&cli, &inputs, &mut pids).await?;
+    let baselines = baseline::measure(&cli, &processor_bin, &inputs, &mut pids).await?;
     let mut report = Report::new(&cli, load, baselines);
     report.pids = pids;
     for &workers in &cli.workers {
@@ -250,6 +257,8 @@ fn processor_command(cli: &Cli, bin: &std::path::Path, url: &str, prefix: &str) 
         .env("PROCESSOR_HTTP__LISTEN", "")
         .env("PROCESSOR_MODEL__KIND", kind)
         .env("PROCESSOR_MODEL__PATH", &cli.model_path)
+        .env("PROCESSOR_MODEL__DEVICE", &cli.device)
+        .env("PROCESSOR_MODEL__DTYPE", &cli.dtype)
         .env("PROCESSOR_MODEL__BATCH_MS", cli.sim_batch_ms.to_string())
         .env("PROCESSOR_MODEL__ITEM_MS", cli.sim_item_ms.to_string())
         .env("PROCESSOR_BATCH__MAX_SIZE", cli.max_batch_size.to_string())

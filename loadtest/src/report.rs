@@ -37,6 +37,10 @@ pub struct Run {
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
     pub model: ModelArg,
+    /// `bert`: the checkpoint, the processors' device and float type.
+    pub model_path: String,
+    pub device: String,
+    pub dtype: String,
     pub load: Load,
     pub inputs_per_request: usize,
     pub duration_s: f64,
@@ -119,6 +123,9 @@ impl Report {
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         Report {
             model: cli.model,
+            model_path: cli.model_path.display().to_string(),
+            device: cli.device.clone(),
+            dtype: cli.dtype.clone(),
             load,
             inputs_per_request: cli.inputs_per_request,
             duration_s: cli.duration.as_secs_f64(),

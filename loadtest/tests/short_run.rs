@@ -103,3 +103,49 @@ fn a_short_echo_run_reports_every_figure_and_stops_its_processes() {
     assert!(alive.is_empty(), "left running: {alive:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_bert_run_compares_the_service_with_the_bare_model_measured_by_processor_bench() {
+    let dir = std::env::temp_dir().join(format!("loadtest-bert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("run.json");
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../processor/tests/fixtures/tiny-bert-mlm"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["--workers", "1", "--model", "bert", "--model-path", model])
+        .args(["--device", "cpu", "--dtype", "f32", "--max-batch-size", "8"])
+        .args([
+            "--duration",
+            "2s",
+            "--warmup",
+            "300ms",
+            "--concurrency",
+            "16",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg("--processor-bin")
+        .arg(processor_binary())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["device"], "cpu");
+    assert!(report["model_path"]
+        .as_str()
+        .unwrap()
+        .ends_with("tiny-bert-mlm"));
+    let bare = report["baselines"]["model_inputs_per_s"].as_f64().unwrap();
+    assert!(bare > 0.0, "the bare model's rate from `processor bench`");
+    let run = &report["runs"][0];
+    assert_eq!(run["errors"], 0, "{run}");
+    let ratio = run["vs_bare_model"].as_f64().unwrap();
+    let rate = run["inputs_per_s"].as_f64().unwrap();
+    assert!(rate > 0.0 && (ratio - rate / bare).abs() < 1e-6, "{run}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

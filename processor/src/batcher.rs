@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::BatchConfig;
-use crate::model::{BatchModel, InputError, ModelInput, Prepare, Prepared};
+use crate::model::{BatchModel, InputError, ModelInput, Prepare, Prepared, WarmUpPlan};
 pub use crate::stats::BatcherStats;
 
 /// How batches are formed and how much may wait.
@@ -46,6 +46,9 @@ pub struct BatchPolicy {
     pub length_grouping: bool,
     /// How many of the oldest queued inputs grouping chooses from.
     pub grouping_window: usize,
+    /// Warm every replica up on each batch shape class this policy can produce (GPU kernels
+    /// are compiled and autotuned per class), not just on one small batch.
+    pub warm_up_shapes: bool,
 }
 
 impl BatchPolicy {
@@ -59,6 +62,16 @@ impl BatchPolicy {
             queue_capacity,
             length_grouping: true,
             grouping_window: (max_size * 8).max(256),
+            warm_up_shapes: false,
+        }
+    }
+
+    /// What a replica computes before it takes requests under this policy.
+    pub fn warm_up_plan(&self) -> WarmUpPlan {
+        WarmUpPlan {
+            shapes: self.warm_up_shapes,
+            max_batch: self.max_size,
+            max_tokens: self.max_tokens,
         }
     }
 }
@@ -73,6 +86,7 @@ impl From<&BatchConfig> for BatchPolicy {
             queue_capacity: config.queue_capacity,
             length_grouping: config.length_grouping,
             grouping_window: config.grouping_window,
+            warm_up_shapes: false,
         }
     }
 }
@@ -137,6 +151,7 @@ impl Batcher {
         assert!(workers > 0 && policy.max_size > 0 && policy.min_size > 0);
         let stats = Arc::new(BatcherStats::default());
         let load = Arc::new(load);
+        let plan = policy.warm_up_plan();
         let (ready_tx, ready_rx) = mpsc::channel::<oneshot::Sender<Batch>>(workers);
         let mut threads = Vec::with_capacity(workers);
         let mut loaded = Vec::with_capacity(workers);
@@ -147,7 +162,7 @@ impl Batcher {
             let stats = stats.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("model-worker-{index}"))
-                .spawn(move || match load(index).and_then(warm_up) {
+                .spawn(move || match load_and_warm_up(&*load, index, &plan) {
                     Ok(model) => {
                         let info = Loaded {
                             name: model.name().to_string(),
@@ -271,23 +286,43 @@ impl Batcher {
     }
 }
 
-/// Computes one small batch on a freshly loaded model, before it takes requests, so that
-/// first-use costs (allocations, GPU kernel compilation) are not paid by a request, and a
-/// model that cannot compute fails at start.
-fn warm_up<M: BatchModel>(mut model: M) -> anyhow::Result<M> {
-    let Some(task) = Task::ALL.into_iter().find(|&task| model.supports(task)) else {
-        anyhow::bail!("model `{}` serves no task", model.name());
-    };
-    let text = match task {
-        Task::FillMask => "warm [MASK] up",
-        Task::Embed => "warm up",
-    };
-    let results = model.run_texts(task, &[text], &InferOptions::default());
-    match results.into_iter().next() {
-        Some(Ok(_)) => Ok(model),
-        Some(Err(error)) => anyhow::bail!("the warm-up batch failed: {error}"),
-        None => anyhow::bail!("the warm-up batch returned no result"),
-    }
+/// Loads worker `index`'s model and warms it up (see [`BatchModel::warm_up`]) before it takes
+/// requests, so first-use costs (allocations, GPU kernel compilation and autotuning) are not
+/// paid by a request, and a model that cannot compute fails at start. A panic on the way (a
+/// GPU library that fails inside) becomes an error that says what it was.
+fn load_and_warm_up<M: BatchModel>(
+    load: &(dyn Fn(usize) -> anyhow::Result<M> + Send + Sync),
+    index: usize,
+    plan: &WarmUpPlan,
+) -> anyhow::Result<M> {
+    let started = std::time::Instant::now();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut model = load(index)?;
+        let batches = model.warm_up(plan)?;
+        Ok::<_, anyhow::Error>((model, batches))
+    }));
+    let (model, batches) = outcome.unwrap_or_else(|panic| {
+        Err(anyhow::anyhow!(
+            "model worker {index} panicked while loading its model: {}",
+            panic_message(panic.as_ref())
+        ))
+    })?;
+    tracing::info!(
+        worker = index,
+        batches,
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded and warmed up"
+    );
+    Ok(model)
+}
+
+/// The text of a panic payload (`panic!` with a message or a format string).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// The error of a request whose deadline passed before its batch started.
@@ -1276,5 +1311,107 @@ mod tests {
         // One input waited 0 s, the other the 30 ms the worker was held.
         assert!((stats.queue_wait.sum() - 0.030).abs() < 0.001);
         assert_eq!(stats.compute.count(), 2);
+    }
+
+    /// A model that only records the warm-up it was asked for (or fails it, or panics in it).
+    struct WarmUpProbe {
+        plans: UnboundedSender<WarmUpPlan>,
+        outcome: &'static str,
+    }
+
+    impl BatchModel for WarmUpProbe {
+        fn name(&self) -> &str {
+            "probe"
+        }
+        fn supports(&self, task: Task) -> bool {
+            task == Task::Embed
+        }
+        fn preparer(&self) -> Arc<dyn Prepare> {
+            Arc::new(CharCount)
+        }
+        fn run(&mut self, _: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
+            inputs
+                .iter()
+                .map(|i| {
+                    Ok(Output::Text {
+                        text: i.text.into(),
+                    })
+                })
+                .collect()
+        }
+        fn warm_up(&mut self, plan: &WarmUpPlan) -> anyhow::Result<usize> {
+            let _ = self.plans.send(*plan);
+            match self.outcome {
+                "panic" => panic!("cudarc: Unable to dynamically load the \"cuda\" shared library"),
+                "fail" => anyhow::bail!("the warm-up batch failed"),
+                _ => Ok(3),
+            }
+        }
+    }
+
+    async fn start_probe(
+        policy: BatchPolicy,
+        workers: usize,
+        outcome: &'static str,
+    ) -> (anyhow::Result<Batcher>, Vec<WarmUpPlan>) {
+        let (plans_tx, mut plans_rx) = unbounded_channel();
+        let started = Batcher::start(policy, workers, move |_| {
+            Ok(WarmUpProbe {
+                plans: plans_tx.clone(),
+                outcome,
+            })
+        })
+        .await
+        .map(|(batcher, _workers)| batcher);
+        let mut plans = Vec::new();
+        while let Ok(plan) = plans_rx.try_recv() {
+            plans.push(plan);
+        }
+        (started, plans)
+    }
+
+    #[tokio::test]
+    async fn every_replica_is_warmed_up_with_the_policys_shapes_before_start_returns() {
+        let policy = BatchPolicy {
+            max_tokens: 4096,
+            warm_up_shapes: true,
+            ..policy(16)
+        };
+        let (started, plans) = start_probe(policy, 3, "ok").await;
+        let batcher = started.unwrap();
+        let expected = WarmUpPlan {
+            shapes: true,
+            max_batch: 16,
+            max_tokens: 4096,
+        };
+        assert_eq!(plans, vec![expected; 3]);
+        assert_eq!(
+            text(
+                &batcher
+                    .infer(Task::Embed, texts(&["a"]), InferOptions::default(), None)
+                    .await
+                    .unwrap()
+                    .outputs[0]
+            ),
+            "a"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_or_panicking_warm_up_fails_the_start_with_its_reason() {
+        let (started, _) = start_probe(policy(4), 1, "fail").await;
+        let error = format!("{:#}", started.err().expect("start fails"));
+        assert!(error.contains("the warm-up batch failed"), "{error}");
+
+        let (started, _) = start_probe(policy(4), 2, "panic").await;
+        let error = format!("{:#}", started.err().expect("start fails"));
+        assert!(
+            error.contains("panicked while loading its model"),
+            "{error}"
+        );
+        assert!(
+            error.contains("Unable to dynamically load the \"cuda\" shared library"),
+            "{error}"
+        );
     }
 }

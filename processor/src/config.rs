@@ -335,6 +335,75 @@ pub struct ModelConfig {
     pub batch_ms: f64,
     /// `sim`: cost of each input of a batch, in milliseconds.
     pub item_ms: f64,
+    /// `bert`: the float type the model computes in. `f16` and `bf16` are for GPUs (half the
+    /// memory traffic, tensor cores); on the CPU they are correct but slower than `f32`.
+    pub dtype: Precision,
+    /// `bert`: how self-attention is computed. `auto` picks per device (see README "CUDA").
+    pub attention: AttentionImpl,
+    /// `bert`: what each replica computes before the processor reports ready. `auto`: every
+    /// batch shape the scheduler can produce on `cuda` (kernels are compiled and autotuned per
+    /// shape class), one small batch on `cpu`.
+    pub warmup: WarmUp,
+}
+
+/// `model.dtype`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats, as the checkpoints are stored (the golden tests' precision).
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16: f32's range with 8 bits of mantissa.
+    Bf16,
+}
+
+/// `model.attention`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionImpl {
+    /// `fused` on `cuda`, `explicit` on `cpu`.
+    #[default]
+    Auto,
+    /// burn's attention op (a flash-attention kernel on CUDA, a tiled kernel on the CPU).
+    Fused,
+    /// Scores, padding bias, softmax and the value product as separate tensor ops.
+    Explicit,
+}
+
+/// `model.warmup`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmUp {
+    /// `shapes` on `cuda`, `one` on `cpu`.
+    #[default]
+    Auto,
+    /// One small batch per task.
+    One,
+    /// Every (batch size, length) class the scheduler can produce: powers of two up to
+    /// `batch.max_size` and the model's longest input, within `batch.max_tokens`.
+    Shapes,
+}
+
+impl ModelConfig {
+    /// The attention implementation `auto` stands for on this device.
+    pub fn attention(&self) -> AttentionImpl {
+        match (self.attention, self.device) {
+            (AttentionImpl::Auto, DeviceKind::Cuda) => AttentionImpl::Fused,
+            (AttentionImpl::Auto, DeviceKind::Cpu) => AttentionImpl::Explicit,
+            (chosen, _) => chosen,
+        }
+    }
+
+    /// The warm-up `auto` stands for on this device.
+    pub fn warmup(&self) -> WarmUp {
+        match (self.warmup, self.device) {
+            (WarmUp::Auto, DeviceKind::Cuda) => WarmUp::Shapes,
+            (WarmUp::Auto, DeviceKind::Cpu) => WarmUp::One,
+            (chosen, _) => chosen,
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -347,6 +416,9 @@ impl Default for ModelConfig {
             workers_per_device: 1,
             batch_ms: 10.0,
             item_ms: 0.5,
+            dtype: Precision::F32,
+            attention: AttentionImpl::Auto,
+            warmup: WarmUp::Auto,
         }
     }
 }
@@ -519,7 +591,7 @@ impl Config {
             if !cfg!(feature = "cuda") {
                 return Err(invalid(
                     "model.device",
-                    "`cuda` needs a processor built with `--features cuda`",
+                    "`cuda` needs a processor built with `--features cuda` (scripts/build-cuda)",
                 ));
             }
             if self.model.devices.is_empty() {

@@ -3,6 +3,7 @@
 //! Transport (`service`) and models (`model`) never import each other; the `batcher` is the
 //! only meeting point, and it knows models only through the [`model::BatchModel`] trait.
 
+pub mod bare;
 pub mod batcher;
 pub mod config;
 mod jetstream;

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::batcher::{BatchPolicy, Batcher, Workers};
-use crate::config::{Config, ServiceConfig, Transport};
+use crate::config::{Config, ServiceConfig, Transport, WarmUp};
 use crate::jetstream;
 use crate::model;
 use crate::telemetry::Telemetry;
@@ -88,7 +88,10 @@ impl Processor {
             "" => None,
             listen => Some(telemetry.serve(listen).await?),
         };
-        let policy = BatchPolicy::from(&config.batch);
+        let policy = BatchPolicy {
+            warm_up_shapes: config.model.warmup() == WarmUp::Shapes,
+            ..BatchPolicy::from(&config.batch)
+        };
         let model_config = config.model.clone();
         let workers = config.model.workers();
         let loading = std::time::Instant::now();

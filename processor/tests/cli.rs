@@ -114,3 +114,166 @@ fn an_unreachable_nats_server_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn model_precision_attention_and_warmup_are_configurable_and_checked() {
+    let output = processor()
+        .env("PROCESSOR_MODEL__DTYPE", "bf16")
+        .args([
+            "--print-config",
+            "--attention",
+            "fused",
+            "--warmup",
+            "shapes",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let config: toml::Value = toml::from_str(&String::from_utf8(output.stdout).unwrap()).unwrap();
+    assert_eq!(config["model"]["dtype"].as_str(), Some("bf16"));
+    assert_eq!(config["model"]["attention"].as_str(), Some("fused"));
+    assert_eq!(config["model"]["warmup"].as_str(), Some("shapes"));
+
+    let output = processor()
+        .args(["--print-config", "--dtype", "f8"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("f8") && stderr.contains("dtype"),
+        "{stderr}"
+    );
+}
+
+/// Runs `processor SUBCOMMAND` on the tiny MLM; returns the JSON it wrote to `--json`.
+fn run_tool(args: &[&str], texts: &str) -> serde_json::Value {
+    let dir =
+        std::env::temp_dir().join(format!("processor-tool-{}-{}", args[0], std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, json) = (dir.join("texts.txt"), dir.join("out.json"));
+    std::fs::write(&input, texts).unwrap();
+    let flag = if args[0] == "bench" {
+        "--inputs"
+    } else {
+        "--texts"
+    };
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-bert-mlm");
+    let output = processor()
+        .args(args)
+        .arg(flag)
+        .arg(&input)
+        .arg("--json")
+        .arg(&json)
+        .args(["--model-path", model])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    value
+}
+
+#[test]
+fn bench_measures_the_model_by_batch_size_and_writes_json() {
+    let texts = "the cat sat on the mat.\nhappy birthday to you.\na\nthe quick brown fox jumps over the lazy dog\n";
+    let report = run_tool(
+        &[
+            "bench",
+            "--batch-sizes",
+            "1,3",
+            "--min-time",
+            "100ms",
+            "--attention",
+            "fused",
+        ],
+        texts,
+    );
+    assert_eq!(report["model"], "tiny-bert-mlm");
+    assert_eq!(report["device"], "cpu");
+    assert_eq!(report["attention"], "fused");
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, batch) in rows.iter().zip([1, 3]) {
+        assert_eq!(row["set"], "lines");
+        assert_eq!(row["batch"], batch);
+        assert!(row["sentences_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["ms_per_batch"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // Batches of 3 over 4 sentences: [3 padded to the longest, 1 alone].
+    assert!(
+        rows[1]["mean_padded_len"].as_f64().unwrap() > rows[0]["mean_padded_len"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn dump_writes_ids_hidden_states_embeddings_and_fill_mask_answers() {
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny_mlm_fill_mask.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let items: Vec<&serde_json::Value> =
+        golden["items"].as_array().unwrap().iter().take(6).collect();
+    let texts: Vec<&str> = items.iter().map(|i| i["text"].as_str().unwrap()).collect();
+    let report = run_tool(&["dump", "--top-k", "3"], &texts.join("\n"));
+    let dumped = report["items"].as_array().unwrap();
+    assert_eq!(dumped.len(), items.len());
+    for (got, want) in dumped.iter().zip(&items) {
+        assert_eq!(got["text"], want["text"]);
+        assert_eq!(
+            got["ids"], want["input_ids"],
+            "token ids of {}",
+            want["text"]
+        );
+        let len = want["input_ids"].as_array().unwrap().len();
+        let hidden = got["hidden"].as_array().unwrap();
+        assert_eq!(hidden.len(), len);
+        assert!(hidden.iter().all(|row| row.as_array().unwrap().len() == 32));
+        let norm: f64 = got["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap().powi(2))
+            .sum();
+        assert!((norm - 1.0).abs() < 1e-4, "embedding norm² {norm}");
+        let masks = got["masks"].as_array().unwrap();
+        let want_masks = want["masks"].as_array().unwrap();
+        assert_eq!(masks.len(), want_masks.len());
+        for (mask, want) in masks.iter().zip(want_masks) {
+            assert_eq!(mask.as_array().unwrap().len(), 3);
+            // [token id, probability]; the reference's best token and its probability (1e-4).
+            assert_eq!(mask[0][0], want["top5"][0]["token_id"], "{}", got["text"]);
+            let diff =
+                (mask[0][1].as_f64().unwrap() - want["top5"][0]["score"].as_f64().unwrap()).abs();
+            assert!(
+                diff <= 1e-4,
+                "{}: top probability differs by {diff}",
+                got["text"]
+            );
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_cuda_build_is_a_configuration_error_naming_the_build() {
+    let output = processor()
+        .args(["--device", "cuda", "--print-config"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("scripts/build-cuda"), "{stderr}");
+}

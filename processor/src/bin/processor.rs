@@ -1,9 +1,11 @@
-//! `processor`: loads the configuration, then serves until SIGINT/SIGTERM.
+//! `processor`: loads the configuration, then serves until SIGINT/SIGTERM; or, with a
+//! subcommand, measures (`bench`) or dumps the outputs of (`dump`) the configured model
+//! directly, without NATS.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use figment::providers::Serialized;
 use processor::config::{Config, LogFormat};
 
@@ -12,8 +14,10 @@ use processor::config::{Config, LogFormat};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Config file (TOML); default: ./processor.toml if it exists.
-    #[arg(long, env = "PROCESSOR_CONFIG")]
+    #[arg(long, env = "PROCESSOR_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
@@ -34,14 +38,36 @@ struct Cli {
     #[arg(long)]
     model_kind: Option<String>,
     /// model.path
-    #[arg(long)]
+    #[arg(long, global = true)]
     model_path: Option<PathBuf>,
+    /// model.device (cpu | cuda)
+    #[arg(long, global = true)]
+    device: Option<String>,
+    /// model.dtype (f32 | f16 | bf16)
+    #[arg(long, global = true)]
+    dtype: Option<String>,
+    /// model.attention (auto | fused | explicit)
+    #[arg(long, global = true)]
+    attention: Option<String>,
+    /// model.warmup (auto | one | shapes)
+    #[arg(long, global = true)]
+    warmup: Option<String>,
     /// batch.max_size
     #[arg(long)]
     max_batch_size: Option<usize>,
     /// batch.max_latency_ms
     #[arg(long)]
     max_latency_ms: Option<u64>,
+}
+
+/// What to do instead of serving.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure the configured model directly (no NATS): sentences/s by batch size.
+    Bench(processor::bare::BenchArgs),
+    /// Write the configured model's outputs for some texts as JSON: token ids, hidden states,
+    /// embeddings and fill-mask answers (to compare a device or precision with a reference).
+    Dump(processor::bare::DumpArgs),
 }
 
 impl Cli {
@@ -60,6 +86,10 @@ impl Cli {
         flag!(transport, "service.transport");
         flag!(model_kind, "model.kind");
         flag!(model_path, "model.path");
+        flag!(device, "model.device");
+        flag!(dtype, "model.dtype");
+        flag!(attention, "model.attention");
+        flag!(warmup, "model.warmup");
         flag!(max_batch_size, "batch.max_size");
         flag!(max_latency_ms, "batch.max_latency_ms");
         Ok(Config::from_figment(&figment)?)
@@ -96,6 +126,11 @@ fn main() -> ExitCode {
             }
         }
     }
+    match &cli.command {
+        Some(Command::Bench(args)) => return report(processor::bare::bench(&config.model, args)),
+        Some(Command::Dump(args)) => return report(processor::bare::dump(&config.model, args)),
+        None => {}
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -105,6 +140,17 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(processor::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("processor: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The exit code of a subcommand, its error on stderr.
+fn report<T>(result: anyhow::Result<T>) -> ExitCode {
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("processor: {err:#}");
             ExitCode::FAILURE

@@ -4,6 +4,7 @@
 //! options and returns one result per input. It knows nothing about NATS or encodings.
 
 pub mod bert;
+pub mod cuda;
 mod echo;
 mod sim;
 
@@ -15,7 +16,7 @@ use schemas::{ErrorCode, InferOptions, Output, Task};
 pub use echo::EchoModel;
 pub use sim::SimModel;
 
-use crate::config::{DeviceKind, ModelConfig, ModelKind};
+use crate::config::{AttentionImpl, DeviceKind, ModelConfig, ModelKind, Precision};
 
 /// The burn device for a configured device kind and GPU index.
 pub fn device(kind: DeviceKind, index: usize) -> anyhow::Result<burn::prelude::Device> {
@@ -28,6 +29,23 @@ pub fn device(kind: DeviceKind, index: usize) -> anyhow::Result<burn::prelude::D
             let _ = index;
             anyhow::bail!("this processor was built without the `cuda` feature")
         }
+    }
+}
+
+/// The tensor float type of a configured precision.
+pub fn float_dtype(precision: Precision) -> burn::tensor::FloatDType {
+    match precision {
+        Precision::F32 => burn::tensor::FloatDType::F32,
+        Precision::F16 => burn::tensor::FloatDType::F16,
+        Precision::Bf16 => burn::tensor::FloatDType::BF16,
+    }
+}
+
+/// How the configured BERT model computes on its device.
+pub fn bert_options(config: &ModelConfig) -> bert::BertOptions {
+    bert::BertOptions {
+        dtype: float_dtype(config.dtype),
+        fused_attention: config.attention() == AttentionImpl::Fused,
     }
 }
 
@@ -119,6 +137,44 @@ impl InputError {
     }
 }
 
+/// What a model replica computes before it takes requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmUpPlan {
+    /// Every batch shape class the scheduler can produce ([`WarmUpPlan::shapes`]), not just
+    /// one small batch.
+    pub shapes: bool,
+    /// The largest batch the scheduler forms (`batch.max_size`).
+    pub max_batch: usize,
+    /// The most padded tokens in a batch (`batch.max_tokens`).
+    pub max_tokens: usize,
+}
+
+impl WarmUpPlan {
+    /// The `(inputs, length)` classes of batches for a model that takes inputs of up to
+    /// `longest` tokens: lengths 8, 16, 32, ... and `longest`; for each, batch sizes 1, 2, 4,
+    /// ... and the largest the scheduler fills at that length (`max_batch`, or fewer where
+    /// `max_tokens` bounds it). GPU kernels are compiled and autotuned per power-of-two class,
+    /// so these cover what requests will bring.
+    pub fn shapes(&self, longest: usize) -> Vec<(usize, usize)> {
+        let longest = longest.max(1);
+        let mut lengths: Vec<usize> = std::iter::successors(Some(8usize), |l| Some(l * 2))
+            .take_while(|&l| l < longest)
+            .collect();
+        lengths.push(longest);
+        let mut shapes = Vec::new();
+        for length in lengths {
+            // An input longer than max_tokens is still computed, alone.
+            let cap = self.max_batch.min(self.max_tokens / length).max(1);
+            let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2))
+                .take_while(|&b| b < cap)
+                .collect();
+            sizes.push(cap);
+            shapes.extend(sizes.into_iter().map(|size| (size, length)));
+        }
+        shapes
+    }
+}
+
 /// A model that computes a whole batch of prepared inputs of one task at once.
 pub trait BatchModel: Send + 'static {
     /// Name reported in replies (e.g. `echo`, `all-MiniLM-L6-v2`).
@@ -139,6 +195,26 @@ pub trait BatchModel: Send + 'static {
     /// Computes every input of the batch; returns exactly one result per input, in order.
     /// An error for one input must not affect the others.
     fn run(&mut self, task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>>;
+
+    /// Computes before the model takes requests, as `plan` says, and returns how many batches
+    /// it computed. By default one small batch of the first task the model serves; models
+    /// with per-shape first-use costs (GPU kernels) override it to cover `plan.shapes`.
+    fn warm_up(&mut self, plan: &WarmUpPlan) -> anyhow::Result<usize> {
+        let _ = plan;
+        let Some(task) = Task::ALL.into_iter().find(|&task| self.supports(task)) else {
+            anyhow::bail!("model `{}` serves no task", self.name());
+        };
+        let text = match task {
+            Task::FillMask => "warm [MASK] up",
+            Task::Embed => "warm up",
+        };
+        let results = self.run_texts(task, &[text], &InferOptions::default());
+        match results.into_iter().next() {
+            Some(Ok(_)) => Ok(1),
+            Some(Err(error)) => anyhow::bail!("the warm-up batch failed: {error}"),
+            None => anyhow::bail!("the warm-up batch returned no result"),
+        }
+    }
 
     /// Prepares and computes texts in one call, as one batch of the valid ones (for tests,
     /// benchmarks and tools; the service prepares on the request tasks instead).
@@ -194,34 +270,103 @@ impl<M: BatchModel + ?Sized> BatchModel for Box<M> {
     fn run(&mut self, task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
         (**self).run(task, inputs)
     }
+    fn warm_up(&mut self, plan: &WarmUpPlan) -> anyhow::Result<usize> {
+        (**self).warm_up(plan)
+    }
 }
 
 /// Builds the model the configuration asks for, for worker `index`. Called on the worker
 /// thread that will own it, so that device state (a GPU context) is created where it is used.
 pub fn load(config: &ModelConfig, index: usize) -> anyhow::Result<Box<dyn BatchModel>> {
     Ok(match config.kind {
-        ModelKind::Bert => {
-            anyhow::ensure!(
-                config.path.is_dir(),
-                "model.path {} is not a directory; fetch the default model with scripts/fetch-model",
-                config.path.display()
-            );
-            let device = device(config.device, config.device_index(index))?;
-            let model = bert::BertModel::load(&config.path, &device)?;
-            tracing::info!(
-                model = model.name(),
-                device = ?config.device,
-                worker = index,
-                gpu = config.device_index(index),
-                fill_mask = model.has_mlm_head(),
-                "loaded BERT checkpoint"
-            );
-            Box::new(model)
-        }
+        ModelKind::Bert => Box::new(load_bert(config, index)?),
         ModelKind::Echo => Box::new(EchoModel),
         ModelKind::Sim => Box::new(SimModel::new(
             Duration::from_secs_f64(config.batch_ms / 1000.0),
             Duration::from_secs_f64(config.item_ms / 1000.0),
         )),
     })
+}
+
+/// Loads the configured BERT checkpoint for worker `index`, on its device (after checking, on
+/// `cuda`, that the GPU libraries are there).
+pub fn load_bert(config: &ModelConfig, index: usize) -> anyhow::Result<bert::BertModel> {
+    anyhow::ensure!(
+        config.path.is_dir(),
+        "model.path {} is not a directory; fetch the default model with scripts/fetch-model",
+        config.path.display()
+    );
+    let gpu = config.device_index(index);
+    #[cfg(feature = "cuda")]
+    if config.device == DeviceKind::Cuda {
+        let found = cuda::check(gpu, config.dtype)?;
+        tracing::info!(
+            driver = %found.driver.0,
+            driver_cuda = %found.driver.1,
+            nvrtc = %found.nvrtc.0,
+            nvrtc_version = %found.nvrtc.1,
+            gpus = found.devices,
+            headers = %found.include.display(),
+            "CUDA runtime"
+        );
+    }
+    let device = device(config.device, gpu)?;
+    let options = bert_options(config);
+    let model = bert::BertModel::load_with(&config.path, &device, options)?;
+    tracing::info!(
+        model = model.name(),
+        device = ?config.device,
+        worker = index,
+        gpu,
+        dtype = ?config.dtype,
+        fused_attention = options.fused_attention,
+        fill_mask = model.has_mlm_head(),
+        "loaded BERT checkpoint"
+    );
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warm_up_shapes_cover_every_power_of_two_class_within_the_bounds() {
+        let plan = WarmUpPlan {
+            shapes: true,
+            max_batch: 32,
+            max_tokens: 16384,
+        };
+        let shapes = plan.shapes(256);
+        let lengths = [8, 16, 32, 64, 128, 256];
+        let sizes = [1, 2, 4, 8, 16, 32];
+        let expected: Vec<(usize, usize)> = lengths
+            .iter()
+            .flat_map(|&l| sizes.iter().map(move |&b| (b, l)))
+            .collect();
+        assert_eq!(shapes, expected);
+
+        // max_tokens bounds the batch at long lengths; the bound itself is a shape.
+        let plan = WarmUpPlan {
+            max_batch: 24,
+            max_tokens: 1000,
+            ..plan
+        };
+        let shapes = plan.shapes(200);
+        assert!(shapes.iter().all(|&(b, l)| b * l <= 1000));
+        assert_eq!(
+            shapes.iter().filter(|s| s.1 == 200).collect::<Vec<_>>(),
+            [&(1, 200), &(2, 200), &(4, 200), &(5, 200)]
+        );
+        assert_eq!(
+            shapes.iter().filter(|s| s.1 == 8).map(|s| s.0).max(),
+            Some(24)
+        );
+        // An input longer than max_tokens is still computed, alone; tiny models have one length.
+        assert_eq!(plan.shapes(5000).last(), Some(&(1, 5000)));
+        assert_eq!(
+            plan.shapes(3),
+            vec![(1, 3), (2, 3), (4, 3), (8, 3), (16, 3), (24, 3)]
+        );
+    }
 }

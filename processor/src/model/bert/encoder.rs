@@ -4,6 +4,8 @@
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 
 use super::config::BertConfig;
 use super::weights::Weights;
@@ -24,6 +26,17 @@ struct EncoderLayer {
 pub struct BertEncoder {
     layers: Vec<EncoderLayer>,
     heads: usize,
+}
+
+/// Which keys each query may attend to, in the form the attention implementation takes.
+#[derive(Clone)]
+pub enum KeyMask {
+    /// `[batch, 1, 1, len]`: 0 for real tokens, a large negative number for padding, added to
+    /// the scores of the explicit attention.
+    Bias(Tensor<4>),
+    /// `[batch, heads, len, len]` (a broadcast view): `true` where the key is padding, for
+    /// burn's fused attention op.
+    Padding(Tensor<4, Bool>),
 }
 
 impl BertEncoder {
@@ -63,19 +76,22 @@ impl BertEncoder {
         })
     }
 
-    /// `x`: `[batch, len, hidden]`; `mask_bias`: `[batch, 1, 1, len]`, 0 for real tokens and a
-    /// large negative number for padding, added to the attention scores so that no token
-    /// attends to padding.
-    pub fn forward(&self, mut x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
+    /// Attention heads per layer.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// `x`: `[batch, len, hidden]`; `mask` keeps every token from attending to padding.
+    pub fn forward(&self, mut x: Tensor<3>, mask: &KeyMask) -> Tensor<3> {
         for layer in &self.layers {
-            x = layer.forward(x, mask_bias.clone(), self.heads);
+            x = layer.forward(x, mask, self.heads);
         }
         x
     }
 }
 
 impl EncoderLayer {
-    fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>, heads: usize) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, mask: &KeyMask, heads: usize) -> Tensor<3> {
         let [batch, len, hidden] = x.dims();
         let head_dim = hidden / heads;
         // [batch, len, 3, heads, head_dim] → three [batch, heads, len, head_dim]
@@ -90,14 +106,25 @@ impl EncoderLayer {
                 .swap_dims(1, 2)
         };
         let (q, k, v) = (split(0), split(1), split(2));
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .div_scalar((head_dim as f64).sqrt())
-            + mask_bias;
-        let context = softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, len, hidden]);
+        let context = match mask {
+            KeyMask::Bias(bias) => {
+                let scores = q
+                    .matmul(k.swap_dims(2, 3))
+                    .div_scalar((head_dim as f64).sqrt())
+                    + bias.clone();
+                softmax(scores, 3).matmul(v)
+            }
+            // Scale 1/sqrt(head_dim) is the op's default.
+            KeyMask::Padding(padding) => attention(
+                q,
+                k,
+                v,
+                Some(padding.clone()),
+                None,
+                AttentionModuleOptions::default(),
+            ),
+        };
+        let context = context.swap_dims(1, 2).reshape([batch, len, hidden]);
         let x = self
             .attention_norm
             .forward(self.attention_out.forward(context) + x);

@@ -15,15 +15,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::prelude::*;
+use burn::tensor::{DType, FloatDType};
 use schemas::{ErrorCode, FillMaskOutput, InferOptions, MaskPrediction, Output, Task};
 
 pub use config::{BertConfig, CheckpointConfig, Pooling};
 pub use tokenize::{BertTokenizer, Tokens};
 
 use self::embeddings::BertEmbeddings;
-use self::encoder::BertEncoder;
+use self::encoder::{BertEncoder, KeyMask};
 use self::heads::MaskedLmHead;
-use super::{BatchModel, InputError, ModelInput, Prepare, Prepared};
+use super::{BatchModel, InputError, ModelInput, Prepare, Prepared, WarmUpPlan};
 
 /// Added to attention scores of padding keys: exp() of it is exactly 0 in f32.
 const PADDING_BIAS: f32 = -1e9;
@@ -69,10 +70,29 @@ pub enum LoadError {
     },
 }
 
+/// How a checkpoint is computed on its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BertOptions {
+    /// The float type of weights and activations (outputs are returned as f32).
+    pub dtype: FloatDType,
+    /// burn's fused attention op instead of separate score/softmax/value ops.
+    pub fused_attention: bool,
+}
+
+impl Default for BertOptions {
+    fn default() -> Self {
+        BertOptions {
+            dtype: FloatDType::F32,
+            fused_attention: false,
+        }
+    }
+}
+
 /// A loaded BERT checkpoint on one device.
 pub struct BertModel {
     name: String,
     device: Device,
+    options: BertOptions,
     config: CheckpointConfig,
     preparer: Arc<BertPreparer>,
     embeddings: BertEmbeddings,
@@ -90,8 +110,17 @@ struct Encoded {
 }
 
 impl BertModel {
-    /// Loads the checkpoint in `dir` onto `device`.
+    /// Loads the checkpoint in `dir` onto `device`, in f32 with explicit attention.
     pub fn load(dir: &Path, device: &Device) -> Result<BertModel, LoadError> {
+        Self::load_with(dir, device, BertOptions::default())
+    }
+
+    /// Loads the checkpoint in `dir` onto `device`, computed as `options` say.
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        options: BertOptions,
+    ) -> Result<BertModel, LoadError> {
         let config = CheckpointConfig::read(dir)?;
         let tokenizer = BertTokenizer::load(dir, config.max_tokens)?;
         let file = dir.join("model.safetensors");
@@ -102,7 +131,7 @@ impl BertModel {
             }
             Err(e) => return Err(LoadError::Io(file, e)),
         };
-        let weights = weights::Weights::parse(&file, &bytes, device)?;
+        let weights = weights::Weights::parse(&file, &bytes, device, options.dtype.into())?;
         let embeddings = BertEmbeddings::load(&weights, &config.bert)?;
         let encoder = BertEncoder::load(&weights, &config.bert)?;
         let mlm = MaskedLmHead::load(&weights, &config.bert)?;
@@ -118,6 +147,7 @@ impl BertModel {
         Ok(BertModel {
             name,
             device: device.clone(),
+            options,
             config,
             preparer,
             embeddings,
@@ -136,6 +166,21 @@ impl BertModel {
         self.mlm.is_some()
     }
 
+    /// How the model computes.
+    pub fn options(&self) -> BertOptions {
+        self.options
+    }
+
+    /// The sizes from `config.json` (and the longest input, in tokens).
+    pub fn config(&self) -> &CheckpointConfig {
+        &self.config
+    }
+
+    /// The model's float type as a tensor dtype.
+    fn dtype(&self) -> DType {
+        self.options.dtype.into()
+    }
+
     /// Pads the batch, runs embeddings and encoder.
     fn encode(&self, batch: &[&[u32]]) -> Encoded {
         let len = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
@@ -148,20 +193,33 @@ impl BertModel {
             mask.extend(std::iter::repeat_n(1f32, row.len()));
             mask.extend(std::iter::repeat_n(0f32, len - row.len()));
         }
-        let bias: Vec<f32> = mask
-            .iter()
-            .map(|&m| if m > 0.0 { 0.0 } else { PADDING_BIAS })
-            .collect();
         let shape = [batch.len(), len];
+        let key_mask = if self.options.fused_attention {
+            let padding: Vec<bool> = mask.iter().map(|&m| m == 0.0).collect();
+            let padding =
+                Tensor::<2, Bool>::from_data(TensorData::new(padding, shape), &self.device);
+            KeyMask::Padding(padding.reshape([batch.len(), 1, 1, len]).expand([
+                batch.len(),
+                self.encoder.heads(),
+                len,
+                len,
+            ]))
+        } else {
+            let bias: Vec<f32> = mask
+                .iter()
+                .map(|&m| if m > 0.0 { 0.0 } else { PADDING_BIAS })
+                .collect();
+            KeyMask::Bias(
+                Tensor::<2>::from_data(TensorData::new(bias, shape), (&self.device, self.dtype()))
+                    .reshape([batch.len(), 1, 1, len]),
+            )
+        };
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, shape), &self.device);
-        let mask = Tensor::<2>::from_data(TensorData::new(mask, shape), &self.device);
-        let bias = Tensor::<2>::from_data(TensorData::new(bias, shape), &self.device).reshape([
-            batch.len(),
-            1,
-            1,
-            len,
-        ]);
-        let states = self.encoder.forward(self.embeddings.forward(ids), bias);
+        // Pooling runs in f32 whatever the model's float type (see `embed`).
+        let mask = Tensor::<2>::from_data(TensorData::new(mask, shape), (&self.device, DType::F32));
+        let states = self
+            .encoder
+            .forward(self.embeddings.forward(ids), &key_mask);
         Encoded { states, mask, len }
     }
 
@@ -169,11 +227,7 @@ impl BertModel {
     pub fn hidden_states(&self, ids: &[u32]) -> Vec<Vec<f32>> {
         let encoded = self.encode(&[ids]);
         let hidden = self.config.bert.hidden_size;
-        let values = encoded
-            .states
-            .into_data()
-            .try_to_vec::<f32>()
-            .expect("f32 states");
+        let values = to_f32_vec(encoded.states);
         values.chunks_exact(hidden).map(<[f32]>::to_vec).collect()
     }
 
@@ -183,12 +237,10 @@ impl BertModel {
             return Vec::new();
         }
         let encoded = self.encode(batch);
-        let pooled = heads::pool(encoded.states, encoded.mask, self.config.pooling);
+        // Averaging hundreds of half-precision states loses digits: pool in f32.
+        let pooled = heads::pool(to_f32(encoded.states), encoded.mask, self.config.pooling);
         let hidden = self.config.bert.hidden_size;
-        let values = pooled
-            .into_data()
-            .try_to_vec::<f32>()
-            .expect("f32 embeddings");
+        let values = to_f32_vec(pooled);
         values
             .chunks_exact(hidden)
             .zip(normalize)
@@ -226,11 +278,7 @@ impl BertModel {
             .states
             .reshape([batch.len() * encoded.len, hidden])
             .select(0, index);
-        let logits = mlm
-            .forward(states)
-            .into_data()
-            .try_to_vec::<f32>()
-            .expect("f32 logits");
+        let logits = to_f32_vec(mlm.forward(states));
         Some(
             logits
                 .chunks_exact(self.config.bert.vocab_size)
@@ -301,6 +349,22 @@ impl BertModel {
             })
             .collect()
     }
+}
+
+/// The tensor in f32 (itself when it already is).
+fn to_f32<const D: usize>(tensor: Tensor<D>) -> Tensor<D> {
+    match tensor.dtype() {
+        DType::F32 => tensor,
+        _ => tensor.cast(FloatDType::F32),
+    }
+}
+
+/// A tensor's values as f32 on the host, whatever float type it was computed in.
+fn to_f32_vec<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    to_f32(tensor)
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("an f32 tensor reads as f32")
 }
 
 /// Tokenises and checks inputs for a BERT checkpoint, on the request tasks.
@@ -437,5 +501,67 @@ impl BatchModel for BertModel {
             Task::Embed => self.run_embed(inputs),
             Task::FillMask => self.run_fill_mask(inputs),
         }
+    }
+
+    /// Embeds a batch of every shape in the plan (or one small one), then runs the masked-LM
+    /// head on as many masks as a batch can carry, checking that every value is finite (a
+    /// half-precision model that overflows fails here, at start, not on a user's request).
+    fn warm_up(&mut self, plan: &WarmUpPlan) -> anyhow::Result<usize> {
+        // `[CLS] warm up [SEP]`, stretched to any length by repeating its first word.
+        let seed = self
+            .preparer
+            .tokenizer
+            .encode("warm up", false)
+            .map_err(|e| anyhow::anyhow!("tokenising the warm-up text: {e}"))?
+            .ids;
+        anyhow::ensure!(seed.len() >= 3, "the warm-up text tokenises to {seed:?}");
+        let row = |len: usize| {
+            let mut ids = vec![seed[1]; len.max(3)];
+            ids[0] = seed[0];
+            ids[len.max(3) - 1] = seed[seed.len() - 1];
+            ids
+        };
+        let shapes = if plan.shapes {
+            plan.shapes(self.config.max_tokens)
+        } else {
+            vec![(1, seed.len())]
+        };
+        let not_finite = |size: usize, len: usize| {
+            anyhow::anyhow!(
+                "a warm-up batch of {size} x {len} tokens gave values that are not finite in {:?}; \
+                 the model overflows in this precision: use model.dtype = \"f32\" or \"bf16\"",
+                self.options.dtype
+            )
+        };
+        for &(size, len) in &shapes {
+            let ids = row(len);
+            let batch = vec![ids.as_slice(); size];
+            let embeddings = self.embed(&batch, &vec![true; size]);
+            if !embeddings.iter().flatten().all(|v| v.is_finite()) {
+                return Err(not_finite(size, len));
+            }
+        }
+        let mut batches = shapes.len();
+        if let (Some(_), Some(mask_id)) = (&self.mlm, self.preparer.tokenizer.mask_id()) {
+            let len = shapes[0].1;
+            let mut ids = row(len);
+            ids[1] = mask_id;
+            let mut sizes: Vec<usize> = shapes
+                .iter()
+                .filter(|&&(_, l)| l == len)
+                .map(|&(size, _)| size)
+                .collect();
+            sizes.dedup();
+            for size in sizes {
+                let batch = vec![ids.as_slice(); size];
+                let positions: Vec<(usize, usize)> = (0..size).map(|row| (row, 1)).collect();
+                let logits = self.mask_logits(&batch, &positions).unwrap_or_default();
+                if !logits.iter().flatten().all(|v| v.is_finite()) {
+                    return Err(not_finite(size, len));
+                }
+                batches += 1;
+            }
+        }
+        Ok(batches)
     }
 }

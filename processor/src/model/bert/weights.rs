@@ -2,13 +2,15 @@
 //!
 //! Names are looked up with the checkpoint's prefix (`bert.` for `BertForMaskedLM` files,
 //! none for bare `BertModel` files). PyTorch stores a Linear weight as `[out, in]`; burn's
-//! `Linear` wants `[in, out]`, so those are transposed here, once, on the host.
+//! `Linear` wants `[in, out]`, so those are transposed here, once, on the host. Values are read
+//! as f32 and created on the device in the model's float type (`model.dtype`).
 
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
+use burn::tensor::DType;
 use safetensors::{Dtype, SafeTensors};
 
 use super::LoadError;
@@ -20,11 +22,19 @@ pub struct Weights<'a> {
     /// `bert.` or empty: the prefix of the encoder's tensor names.
     prefix: &'static str,
     device: Device,
+    /// The float type every tensor is created in.
+    dtype: DType,
 }
 
 impl<'a> Weights<'a> {
-    /// Parses the safetensors header of `bytes` (the contents of `file`).
-    pub fn parse(file: &Path, bytes: &'a [u8], device: &Device) -> Result<Self, LoadError> {
+    /// Parses the safetensors header of `bytes` (the contents of `file`); tensors will be
+    /// created on `device` as `dtype`.
+    pub fn parse(
+        file: &Path,
+        bytes: &'a [u8],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, LoadError> {
         let tensors = SafeTensors::deserialize(bytes).map_err(|e| LoadError::Invalid {
             file: file.to_path_buf(),
             reason: e.to_string(),
@@ -42,6 +52,7 @@ impl<'a> Weights<'a> {
             tensors,
             prefix,
             device: device.clone(),
+            dtype,
         })
     }
 
@@ -88,22 +99,21 @@ impl<'a> Weights<'a> {
             .collect())
     }
 
+    /// A tensor of `values` in the model's float type on its device.
+    fn tensor<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(values, shape), (&self.device, self.dtype))
+    }
+
     /// A 1-d tensor.
     pub fn vector(&self, name: &str, len: usize) -> Result<Tensor<1>, LoadError> {
         let values = self.values(name, &[len])?;
-        Ok(Tensor::from_data(
-            TensorData::new(values, [len]),
-            &self.device,
-        ))
+        Ok(self.tensor(values, [len]))
     }
 
     /// A 2-d tensor as stored.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>, LoadError> {
         let values = self.values(name, &[rows, cols])?;
-        Ok(Tensor::from_data(
-            TensorData::new(values, [rows, cols]),
-            &self.device,
-        ))
+        Ok(self.tensor(values, [rows, cols]))
     }
 
     /// A 2-d tensor stored `[rows, cols]`, returned transposed as a contiguous `[cols, rows]`.
@@ -114,11 +124,7 @@ impl<'a> Weights<'a> {
         cols: usize,
     ) -> Result<Tensor<2>, LoadError> {
         let values = self.values(name, &[rows, cols])?;
-        let transposed = transpose(&values, rows, cols);
-        Ok(Tensor::from_data(
-            TensorData::new(transposed, [cols, rows]),
-            &self.device,
-        ))
+        Ok(self.tensor(transpose(&values, rows, cols), [cols, rows]))
     }
 
     /// A PyTorch `Linear(d_in, d_out)` named `{name}.weight` / `{name}.bias`.
@@ -147,14 +153,8 @@ impl<'a> Weights<'a> {
             bias.extend(self.values(&format!("{name}.bias"), &[d_out])?);
         }
         Ok(Linear {
-            weight: Param::from_tensor(Tensor::from_data(
-                TensorData::new(weight, [d_in, width]),
-                &self.device,
-            )),
-            bias: Some(Param::from_tensor(Tensor::from_data(
-                TensorData::new(bias, [width]),
-                &self.device,
-            ))),
+            weight: Param::from_tensor(self.tensor(weight, [d_in, width])),
+            bias: Some(Param::from_tensor(self.tensor(bias, [width]))),
         })
     }
 
