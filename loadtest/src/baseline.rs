@@ -81,6 +81,8 @@ fn bare_bert(cli: &Cli, processor_bin: &Path, batch: &[String]) -> anyhow::Resul
         .env("PROCESSOR_MODEL__PATH", &cli.model_path)
         .env("PROCESSOR_MODEL__DEVICE", &cli.device)
         .env("PROCESSOR_MODEL__DTYPE", &cli.dtype)
+        // The bench warms up on its own batch; no need to compile every shape first.
+        .env("PROCESSOR_MODEL__WARMUP", "one")
         .output()
         .with_context(|| format!("running {} bench", processor_bin.display()))?;
     anyhow::ensure!(
@@ -143,7 +145,7 @@ async fn nats_echo(
     let request =
         InferRequest::new((0..cli.inputs_per_request).map(|i| inputs[i % inputs.len()].clone()));
     let payload = bytes::Bytes::from(encode(Encoding::Cbor, &request)?);
-    let concurrency = cli.concurrency.unwrap_or(256);
+    let concurrency = cli.concurrency.iter().copied().max().unwrap_or(256);
     let completed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let measure = Duration::from_secs(2);

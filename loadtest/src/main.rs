@@ -56,9 +56,10 @@ pub struct Cli {
     /// Load before measuring (not counted).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
-    /// Closed loop: requests kept in flight (default 256 unless --rate is given).
-    #[arg(long, conflicts_with = "rate")]
-    concurrency: Option<usize>,
+    /// Closed loop: requests kept in flight (default 256 unless --rate is given); several,
+    /// comma-separated, are measured one after the other on the same processors.
+    #[arg(long, conflicts_with = "rate", value_delimiter = ',')]
+    concurrency: Vec<usize>,
     /// Open loop: requests per second, each timed from its scheduled send time.
     #[arg(long)]
     rate: Option<f64>,
@@ -109,6 +110,20 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// The loads to measure: the open-loop rate, or each closed-loop concurrency.
+    fn loads(&self) -> Vec<Load> {
+        match (self.rate, self.concurrency.as_slice()) {
+            (Some(rate), _) => vec![Load::Open { rate }],
+            (None, []) => vec![Load::Closed { concurrency: 256 }],
+            (None, list) => list
+                .iter()
+                .map(|&concurrency| Load::Closed { concurrency })
+                .collect(),
+        }
+    }
+}
+
 impl ModelArg {
     /// Whether workers add compute (each sim worker is its own device) or share the CPU.
     fn scales_with_workers(self) -> bool {
@@ -146,43 +161,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         processor_bin.display()
     );
     let inputs = drive::inputs(cli.inputs.as_deref())?;
-    let load = match cli.rate {
-        Some(rate) => Load::Open { rate },
-        None => Load::Closed {
-            concurrency: cli.concurrency.unwrap_or(256),
-        },
-    };
+    let loads = cli.loads();
 
     eprintln!("measuring baselines…");
     let mut pids = Vec::new();
     let baselines = baseline::measure(&cli, &processor_bin, &inputs, &mut pids).await?;
-    let mut report = Report::new(&cli, load, baselines);
+    let mut report = Report::new(&cli, loads[0], baselines);
     report.pids = pids;
     for &workers in &cli.workers {
-        let run = measure_workers(
+        let runs = measure_workers(
             &cli,
             &processor_bin,
             &inputs,
-            load,
+            &loads,
             workers,
             &mut report.pids,
         )
         .await?;
-        report.print_row(&run);
-        report.runs.push(run);
+        for run in runs {
+            report.print_row(&run);
+            report.runs.push(run);
+        }
     }
     report.finish(&cli)
 }
 
-/// One worker count: a server (unless given), `workers` processors, warm-up, measurement.
+/// One worker count: a server (unless given), `workers` processors, then for each load a
+/// warm-up and a measurement.
 async fn measure_workers(
     cli: &Cli,
     processor_bin: &std::path::Path,
     inputs: &[String],
-    load: Load,
+    loads: &[Load],
     workers: usize,
     pids: &mut Vec<u32>,
-) -> anyhow::Result<Run> {
+) -> anyhow::Result<Vec<Run>> {
     let (server, url) = cli.nats_server(pids);
     // A prefix of its own, so that runs against a shared server do not mix.
     let prefix = format!("loadtest{}w{workers}", std::process::id());
@@ -207,27 +220,34 @@ async fn measure_workers(
         .with_context(|| format!("connecting to {url}"))?;
     let nats = async_nats::connect(&url).await?;
 
-    drive::drive(
-        &client,
-        inputs,
-        cli.inputs_per_request,
-        load,
-        cli.warmup,
-        None,
-    )
-    .await;
-    let before = report::batch_counters(&nats, &prefix).await;
-    let label = format!("{workers} worker(s)");
-    let outcome = drive::drive(
-        &client,
-        inputs,
-        cli.inputs_per_request,
-        load,
-        cli.duration,
-        Some(&label),
-    )
-    .await;
-    let after = report::batch_counters(&nats, &prefix).await;
+    let mut runs = Vec::with_capacity(loads.len());
+    for &load in loads {
+        drive::drive(
+            &client,
+            inputs,
+            cli.inputs_per_request,
+            load,
+            cli.warmup,
+            None,
+        )
+        .await;
+        let before = report::batch_counters(&nats, &prefix).await;
+        let label = match load {
+            Load::Closed { concurrency } => format!("{workers} worker(s), {concurrency} in flight"),
+            Load::Open { rate } => format!("{workers} worker(s), {rate}/s"),
+        };
+        let outcome = drive::drive(
+            &client,
+            inputs,
+            cli.inputs_per_request,
+            load,
+            cli.duration,
+            Some(&label),
+        )
+        .await;
+        let after = report::batch_counters(&nats, &prefix).await;
+        runs.push(Run::new(workers, load, cli, outcome, before, after));
+    }
 
     for process in &processors {
         process.terminate();
@@ -236,7 +256,7 @@ async fn measure_workers(
         tokio::task::spawn_blocking(move || process.wait(Duration::from_secs(60))).await?;
     }
     drop(server);
-    Ok(Run::new(workers, cli, outcome, before, after))
+    Ok(runs)
 }
 
 fn processor_command(cli: &Cli, bin: &std::path::Path, url: &str, prefix: &str) -> Command {

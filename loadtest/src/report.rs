@@ -13,6 +13,8 @@ use crate::{Cli, ModelArg};
 #[derive(Debug, serde::Serialize)]
 pub struct Run {
     pub workers: usize,
+    /// How requests were sent in this measurement.
+    pub load: Load,
     pub requests: u64,
     pub requests_per_s: f64,
     pub inputs_per_s: f64,
@@ -60,6 +62,7 @@ impl Run {
     /// The figures of one worker count from its outcome and the batch counters around it.
     pub fn new(
         workers: usize,
+        load: Load,
         cli: &Cli,
         outcome: Outcome,
         before: (u64, u64),
@@ -83,6 +86,7 @@ impl Run {
         );
         Run {
             workers,
+            load,
             requests,
             requests_per_s,
             inputs_per_s: requests_per_s * cli.inputs_per_request as f64,
@@ -119,8 +123,8 @@ impl Report {
             baselines.nats_echo_p50_ms
         );
         println!();
-        println!("| workers | requests/s | inputs/s | p50 ms | p90 ms | p99 ms | max ms | mean batch | errors | efficiency |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| workers | in flight | requests/s | inputs/s | p50 ms | p90 ms | p99 ms | max ms | mean batch | errors | efficiency |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         Report {
             model: cli.model,
             model_path: cli.model_path.display().to_string(),
@@ -139,8 +143,12 @@ impl Report {
     /// Fills in the ratios and prints the run's row.
     pub fn print_row(&self, run: &Run) {
         println!(
-            "| {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {:.0}% |",
+            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {:.0}% |",
             run.workers,
+            match run.load {
+                Load::Closed { concurrency } => concurrency.to_string(),
+                Load::Open { rate } => format!("{rate}/s"),
+            },
             run.requests_per_s,
             run.inputs_per_s,
             run.p50_ms,

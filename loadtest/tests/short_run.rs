@@ -54,7 +54,10 @@ fn a_short_echo_run_reports_every_figure_and_stops_its_processes() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("| workers | requests/s |"), "{stdout}");
+    assert!(
+        stdout.contains("| workers | in flight | requests/s |"),
+        "{stdout}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -122,7 +125,7 @@ fn a_bert_run_compares_the_service_with_the_bare_model_measured_by_processor_ben
             "--warmup",
             "300ms",
             "--concurrency",
-            "16",
+            "4,16",
         ])
         .arg("--json")
         .arg(&json)
@@ -142,10 +145,21 @@ fn a_bert_run_compares_the_service_with_the_bare_model_measured_by_processor_ben
         .ends_with("tiny-bert-mlm"));
     let bare = report["baselines"]["model_inputs_per_s"].as_f64().unwrap();
     assert!(bare > 0.0, "the bare model's rate from `processor bench`");
-    let run = &report["runs"][0];
-    assert_eq!(run["errors"], 0, "{run}");
-    let ratio = run["vs_bare_model"].as_f64().unwrap();
-    let rate = run["inputs_per_s"].as_f64().unwrap();
-    assert!(rate > 0.0 && (ratio - rate / bare).abs() < 1e-6, "{run}");
+    // Two concurrencies measured on the same processor, each against the same bare model.
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (run, in_flight) in runs.iter().zip([4, 16]) {
+        assert_eq!(run["load"]["concurrency"], in_flight, "{run}");
+        assert_eq!(run["errors"], 0, "{run}");
+        let ratio = run["vs_bare_model"].as_f64().unwrap();
+        let rate = run["inputs_per_s"].as_f64().unwrap();
+        assert!(rate > 0.0 && (ratio - rate / bare).abs() < 1e-6, "{run}");
+    }
+    let pids = report["pids"].as_array().unwrap();
+    assert_eq!(
+        pids.len(),
+        3,
+        "baseline server, run server, one processor: {pids:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

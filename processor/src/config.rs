@@ -363,10 +363,11 @@ pub enum Precision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum AttentionImpl {
-    /// `fused` on `cuda`, `explicit` on `cpu`.
+    /// `fused` for `f16`/`bf16` on `cuda`, `explicit` otherwise.
     #[default]
     Auto,
-    /// burn's attention op (a flash-attention kernel on CUDA, a tiled kernel on the CPU).
+    /// burn's attention op (a flash-attention kernel on CUDA, in f16 on tensor cores; a
+    /// tiled kernel on the CPU).
     Fused,
     /// Scores, padding bias, softmax and the value product as separate tensor ops.
     Explicit,
@@ -387,12 +388,16 @@ pub enum WarmUp {
 }
 
 impl ModelConfig {
-    /// The attention implementation `auto` stands for on this device.
+    /// The attention implementation `auto` stands for: fused for half precision on `cuda`;
+    /// explicit otherwise, because burn-cubecl's fused kernel on tensor cores computes in f16
+    /// whatever the model's dtype, so an f32 model would not be f32 throughout.
     pub fn attention(&self) -> AttentionImpl {
-        match (self.attention, self.device) {
-            (AttentionImpl::Auto, DeviceKind::Cuda) => AttentionImpl::Fused,
-            (AttentionImpl::Auto, DeviceKind::Cpu) => AttentionImpl::Explicit,
-            (chosen, _) => chosen,
+        match (self.attention, self.device, self.dtype) {
+            (AttentionImpl::Auto, DeviceKind::Cuda, Precision::F16 | Precision::Bf16) => {
+                AttentionImpl::Fused
+            }
+            (AttentionImpl::Auto, _, _) => AttentionImpl::Explicit,
+            (chosen, _, _) => chosen,
         }
     }
 

@@ -133,6 +133,7 @@ fn half_precision_fill_mask_keeps_the_reference_top_token() {
             BertOptions {
                 dtype,
                 fused_attention: true,
+                ..BertOptions::default()
             },
         );
         let items = golden["items"].as_array().unwrap();
@@ -170,6 +171,33 @@ fn half_precision_fill_mask_keeps_the_reference_top_token() {
             decided >= 15,
             "only {decided} masks have a clear best token"
         );
+    }
+}
+
+#[test]
+fn padding_batches_to_a_multiple_of_8_tokens_changes_no_output() {
+    // What the CUDA device does (pad_to_multiple = 8), checked on the CPU.
+    let (texts, _) = golden_texts();
+    let mut plain = load(&minilm_dir(), BertOptions::default());
+    let mut padded = load(
+        &minilm_dir(),
+        BertOptions {
+            pad_to_multiple: 8,
+            ..BertOptions::default()
+        },
+    );
+    for (a, b) in embed_batch(&mut plain, &texts)
+        .iter()
+        .zip(&embed_batch(&mut padded, &texts))
+    {
+        assert!(max_abs_diff(a, b) <= 1e-5);
+    }
+    let ids = plain.tokenizer().encode(&texts[0], false).unwrap().ids;
+    assert_ne!(ids.len() % 8, 0, "an input whose length padding changes");
+    let (a, b) = (plain.hidden_states(&ids), padded.hidden_states(&ids));
+    assert_eq!(b.len(), ids.len(), "padding rows are not returned");
+    for (x, y) in a.iter().zip(&b) {
+        assert!(max_abs_diff(x, y) <= 1e-5);
     }
 }
 

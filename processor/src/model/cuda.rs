@@ -72,8 +72,13 @@ pub fn check_versions(
 
 /// The CUDA headers NVRTC is pointed at (`$CUDA_PATH/include`, else the first of
 /// /usr/local/cuda, /opt/cuda, /usr with nvcc, as cubecl looks), and the files a model of
-/// `dtype` needs there.
-pub fn check_headers(cuda_path: Option<PathBuf>, dtype: Precision) -> Result<PathBuf, String> {
+/// `dtype` needs there (the fused attention kernel works in f16 on tensor cores whatever the
+/// model's dtype, so it needs the f16 header too).
+pub fn check_headers(
+    cuda_path: Option<PathBuf>,
+    dtype: Precision,
+    fused_attention: bool,
+) -> Result<PathBuf, String> {
     let Some(root) = cuda_path else {
         return Err("no CUDA headers: NVRTC compiles kernels with the CUDA headers, found under \
                     $CUDA_PATH/include (default /usr/local/cuda/include); install the CUDA \
@@ -88,17 +93,24 @@ pub fn check_headers(cuda_path: Option<PathBuf>, dtype: Precision) -> Result<Pat
             include.display()
         ));
     }
-    let needed: &[&str] = match dtype {
-        Precision::F32 => &[],
-        Precision::F16 => &["cuda_fp16.h"],
-        Precision::Bf16 => &["cuda_bf16.h"],
-    };
+    let mut needed = Vec::new();
+    if dtype == Precision::F16 || fused_attention {
+        needed.push("cuda_fp16.h");
+    }
+    if dtype == Precision::Bf16 {
+        needed.push("cuda_bf16.h");
+    }
     for header in needed {
         if !include.join(header).is_file() {
             return Err(format!(
-                "{} is missing: model.dtype = {dtype:?} needs it to compile kernels; install \
+                "{} is missing: model.dtype = {dtype:?}{} needs it to compile kernels; install \
                  the CUDA toolkit's headers there or set CUDA_PATH to a CUDA installation",
-                include.join(header).display()
+                include.join(header).display(),
+                if fused_attention {
+                    " with fused attention"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -161,7 +173,7 @@ pub struct CudaRuntime {
 /// Checks the driver, the GPU `index`, NVRTC and the headers, in that order; the error is one
 /// sentence naming what is missing and the fix.
 #[cfg(feature = "cuda")]
-pub fn check(index: usize, dtype: Precision) -> anyhow::Result<CudaRuntime> {
+pub fn check(index: usize, dtype: Precision, fused_attention: bool) -> anyhow::Result<CudaRuntime> {
     use std::os::raw::c_int;
 
     let names = cudarc::get_lib_name_candidates("cuda");
@@ -236,8 +248,17 @@ pub fn check(index: usize, dtype: Precision) -> anyhow::Result<CudaRuntime> {
         }
     };
     check_versions(driver, nvrtc, built_for()).map_err(anyhow::Error::msg)?;
-    let include =
-        check_headers(cubecl::cuda::install::cuda_path(), dtype).map_err(anyhow::Error::msg)?;
+    let include = check_headers(cubecl::cuda::install::cuda_path(), dtype, fused_attention)
+        .map_err(anyhow::Error::msg)?;
+    // Hopper's asynchronous-copy kernels include CCCL's <cuda/barrier>; without it they fail
+    // when first compiled, so say so now (other kernels still work).
+    if !include.join("cuda/barrier").is_file() && !include.join("cccl/cuda/barrier").is_file() {
+        tracing::warn!(
+            include = %include.display(),
+            "CCCL headers (cuda/barrier) not found: kernels that need them will fail to compile; \
+             install the CUDA toolkit's cuda-cccl package"
+        );
+    }
     Ok(CudaRuntime {
         driver: (driver_name, driver),
         nvrtc: (nvrtc_name, nvrtc),
@@ -283,20 +304,27 @@ mod tests {
 
     #[test]
     fn missing_headers_are_named() {
-        let err = check_headers(None, Precision::F32).unwrap_err();
+        let err = check_headers(None, Precision::F32, false).unwrap_err();
         assert!(err.contains("CUDA_PATH"), "{err}");
 
         let root = std::env::temp_dir().join(format!("cuda-headers-{}", std::process::id()));
         std::fs::create_dir_all(root.join("include")).unwrap();
         assert_eq!(
-            check_headers(Some(root.clone()), Precision::F32).unwrap(),
+            check_headers(Some(root.clone()), Precision::F32, false).unwrap(),
             root.join("include")
         );
-        let err = check_headers(Some(root.clone()), Precision::F16).unwrap_err();
+        let err = check_headers(Some(root.clone()), Precision::F16, false).unwrap_err();
         assert!(err.contains("cuda_fp16.h is missing"), "{err}");
+        let err = check_headers(Some(root.clone()), Precision::F32, true).unwrap_err();
+        assert!(
+            err.contains("cuda_fp16.h is missing") && err.contains("fused"),
+            "{err}"
+        );
         std::fs::write(root.join("include/cuda_fp16.h"), "").unwrap();
-        assert!(check_headers(Some(root.clone()), Precision::F16).is_ok());
-        let err = check_headers(Some(root.join("nowhere")), Precision::F32).unwrap_err();
+        assert!(check_headers(Some(root.clone()), Precision::F16, true).is_ok());
+        let err = check_headers(Some(root.clone()), Precision::Bf16, false).unwrap_err();
+        assert!(err.contains("cuda_bf16.h is missing"), "{err}");
+        let err = check_headers(Some(root.join("nowhere")), Precision::F32, false).unwrap_err();
         assert!(err.contains("does not exist"), "{err}");
         std::fs::remove_dir_all(root).unwrap();
     }

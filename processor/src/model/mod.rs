@@ -41,11 +41,18 @@ pub fn float_dtype(precision: Precision) -> burn::tensor::FloatDType {
     }
 }
 
-/// How the configured BERT model computes on its device.
+/// How the configured BERT model computes on its device. On CUDA, batches are padded to a
+/// multiple of 8 tokens: kernels are compiled and autotuned per shape class, and vector widths
+/// follow the length's divisibility, so odd lengths would each bring their own variants after
+/// the warm-up (padding is masked, so outputs do not change).
 pub fn bert_options(config: &ModelConfig) -> bert::BertOptions {
     bert::BertOptions {
         dtype: float_dtype(config.dtype),
         fused_attention: config.attention() == AttentionImpl::Fused,
+        pad_to_multiple: match config.device {
+            DeviceKind::Cuda => 8,
+            DeviceKind::Cpu => 1,
+        },
     }
 }
 
@@ -151,13 +158,16 @@ pub struct WarmUpPlan {
 
 impl WarmUpPlan {
     /// The `(inputs, length)` classes of batches for a model that takes inputs of up to
-    /// `longest` tokens: lengths 8, 16, 32, ... and `longest`; for each, batch sizes 1, 2, 4,
-    /// ... and the largest the scheduler fills at that length (`max_batch`, or fewer where
-    /// `max_tokens` bounds it). GPU kernels are compiled and autotuned per power-of-two class,
-    /// so these cover what requests will bring.
+    /// `longest` tokens: lengths 8, 16, 24, 32, 48, 64, 96, ... (powers of two and the
+    /// multiple of 8 halfway between) and `longest`; for each, batch sizes 1, 2, 4, ... and
+    /// the largest the scheduler fills at that length (`max_batch`, or fewer where
+    /// `max_tokens` bounds it). GPU autotuning buckets shapes by powers of two, and a
+    /// non-power-of-two length brings the other kernel variants (strides, vector widths).
     pub fn shapes(&self, longest: usize) -> Vec<(usize, usize)> {
         let longest = longest.max(1);
         let mut lengths: Vec<usize> = std::iter::successors(Some(8usize), |l| Some(l * 2))
+            .flat_map(|l| [l, l + l / 2])
+            .filter(|l| l % 8 == 0)
             .take_while(|&l| l < longest)
             .collect();
         lengths.push(longest);
@@ -299,7 +309,11 @@ pub fn load_bert(config: &ModelConfig, index: usize) -> anyhow::Result<bert::Ber
     let gpu = config.device_index(index);
     #[cfg(feature = "cuda")]
     if config.device == DeviceKind::Cuda {
-        let found = cuda::check(gpu, config.dtype)?;
+        let found = cuda::check(
+            gpu,
+            config.dtype,
+            config.attention() == AttentionImpl::Fused,
+        )?;
         tracing::info!(
             driver = %found.driver.0,
             driver_cuda = %found.driver.1,
@@ -338,7 +352,7 @@ mod tests {
             max_tokens: 16384,
         };
         let shapes = plan.shapes(256);
-        let lengths = [8, 16, 32, 64, 128, 256];
+        let lengths = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
         let sizes = [1, 2, 4, 8, 16, 32];
         let expected: Vec<(usize, usize)> = lengths
             .iter()

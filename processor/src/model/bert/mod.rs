@@ -77,6 +77,8 @@ pub struct BertOptions {
     pub dtype: FloatDType,
     /// burn's fused attention op instead of separate score/softmax/value ops.
     pub fused_attention: bool,
+    /// Pad every batch to a multiple of this many tokens (1: to its longest input only).
+    pub pad_to_multiple: usize,
 }
 
 impl Default for BertOptions {
@@ -84,6 +86,7 @@ impl Default for BertOptions {
         BertOptions {
             dtype: FloatDType::F32,
             fused_attention: false,
+            pad_to_multiple: 1,
         }
     }
 }
@@ -181,9 +184,14 @@ impl BertModel {
         self.options.dtype.into()
     }
 
-    /// Pads the batch, runs embeddings and encoder.
+    /// Pads the batch (to its longest input, rounded up to `pad_to_multiple` within the
+    /// position table), runs embeddings and encoder.
     fn encode(&self, batch: &[&[u32]]) -> Encoded {
-        let len = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
+        let longest = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
+        let len = longest
+            .next_multiple_of(self.options.pad_to_multiple.max(1))
+            .min(self.config.bert.max_position_embeddings)
+            .max(longest);
         let mut ids = Vec::with_capacity(batch.len() * len);
         let mut mask = Vec::with_capacity(batch.len() * len);
         let pad = self.preparer.tokenizer.pad_id() as i64;
@@ -223,12 +231,17 @@ impl BertModel {
         Encoded { states, mask, len }
     }
 
-    /// Raw last hidden states of one unpadded input, `[len][hidden]` (for tests and tools).
+    /// Raw last hidden states of one input, `[len][hidden]`, without its padding rows (for
+    /// tests and tools).
     pub fn hidden_states(&self, ids: &[u32]) -> Vec<Vec<f32>> {
         let encoded = self.encode(&[ids]);
         let hidden = self.config.bert.hidden_size;
         let values = to_f32_vec(encoded.states);
-        values.chunks_exact(hidden).map(<[f32]>::to_vec).collect()
+        values
+            .chunks_exact(hidden)
+            .take(ids.len())
+            .map(<[f32]>::to_vec)
+            .collect()
     }
 
     /// Sentence embeddings of tokenised inputs (pooled; L2-normalised where `normalize[i]`).
