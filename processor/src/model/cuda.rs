@@ -117,30 +117,25 @@ pub fn check_headers(
     Ok(include)
 }
 
-/// The names worth showing of a candidate list (`libcuda.so.1`, `libcuda.so`, ...) and how many
-/// more there were.
+/// A candidate list in a sentence: the usual names (`libcuda.so.1`, `libcuda.so.13`,
+/// `libcuda.so`) and how many others cudarc also tried.
 #[cfg(feature = "cuda")]
 fn tried(names: &[String]) -> String {
-    let mut shown: Vec<&str> = names
-        .iter()
-        .rev()
-        .filter(|n| {
-            n.ends_with(".so.1")
-                || n.ends_with(".so")
-                || n.ends_with(".so.13")
-                || n.ends_with(".so.12")
-        })
-        .map(String::as_str)
-        .collect();
-    shown.dedup();
-    let mut unique: Vec<&String> = names.iter().collect();
-    unique.sort();
+    let mut unique: Vec<&str> = names.iter().map(String::as_str).collect();
+    unique.sort_unstable();
     unique.dedup();
-    let others = unique.len().saturating_sub(shown.len());
-    if others > 0 {
-        format!("{} and {others} other names", shown.join(", "))
-    } else {
-        shown.join(", ")
+    let usual = |n: &&str| {
+        let stem = n.split(".so").next().unwrap_or(n);
+        !stem.contains(|c: char| c.is_ascii_digit())
+            && [".so", ".so.1", ".so.12", ".so.13"]
+                .iter()
+                .any(|end| n.ends_with(end))
+    };
+    let mut shown: Vec<&str> = unique.iter().copied().filter(usual).collect();
+    shown.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    match unique.len() - shown.len() {
+        0 => shown.join(", "),
+        others => format!("{} and {others} other names", shown.join(", ")),
     }
 }
 
