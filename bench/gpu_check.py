@@ -51,6 +51,11 @@ def env(args):
         "driver_cuda": sh("nvidia-smi | sed -n 's/.*CUDA Version: *\\([0-9.]*\\).*/\\1/p'") or "none",
         "python": platform.python_version(),
         "processor": sh("processor --version"),
+        "nvrtc_dir": args.nvrtc,
+        "loader": sh("ldconfig -p | grep -E 'libcuda\\.so|libnvrtc\\.so' | sed 's/^[[:space:]]*//' | tr '\\n' ';'"),
+        # Kernels and autotune results are not cached on disk in this build: every process
+        # compiles and tunes what it computes, so each step here starts cold.
+        "kernel_cache": "none (cold start per process)",
     }
     try:
         import torch
@@ -125,8 +130,13 @@ def fidelity(args):
     mask_id = AutoTokenizer.from_pretrained(args.model, local_files_only=True).mask_token_id
     dumps = {}
     for spec in args.dump:
-        name, _, path = spec.partition("=")
-        dumps[name] = json.loads(Path(path).read_text())
+        name, _, path = spec.rpartition("=")
+        dump = json.loads(Path(path).read_text())
+        # Named by what computed it: device, float type, attention.
+        dumps[name or f"burn {dump['device']} {dump['dtype']} {dump['attention']}"] = dump
+    # The CPU backend in f32 first: the other variants are also compared with it.
+    order = sorted(dumps, key=lambda n: (dumps[n]["device"] != "cpu", dumps[n]["dtype"] != "f32", dumps[n]["attention"] != "explicit"))
+    dumps = {name: dumps[name] for name in order}
     first = next(iter(dumps))
     items = dumps[first]["items"]
 
@@ -201,9 +211,15 @@ def bench(args):
     import torch
     from transformers import AutoTokenizer
 
+    import torch
+
+    # PyTorch computes f32 matmuls in IEEE f32 unless told to use TF32 tensor cores.
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
     model, _ = load_torch(args.model, args.device, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     sets = json.loads(Path(args.inputs).read_text())
+    label = "tf32" if args.tf32 and args.dtype == "f32" else args.dtype
     rows = []
     cuda = args.device.startswith("cuda")
     for name in args.sets.split(","):
@@ -240,8 +256,8 @@ def bench(args):
                     "ms_per_batch": elapsed * 1000 / (passes * len(batches)),
                 }
             )
-            print(f"| pytorch {args.dtype} | {name} | {batch} | {rows[-1]['sentences_per_s']:.1f} | {rows[-1]['ms_per_batch']:.2f} |")
-    report = {"model": Path(args.model).name, "device": args.device, "dtype": args.dtype, "torch": torch.__version__, "attention": getattr(model.config, "_attn_implementation", "?"), "rows": rows}
+            print(f"| pytorch {label} | {name} | {batch} | {rows[-1]['sentences_per_s']:.1f} | {rows[-1]['ms_per_batch']:.2f} |")
+    report = {"model": Path(args.model).name, "device": args.device, "dtype": label, "torch": torch.__version__, "attention": getattr(model.config, "_attn_implementation", "?"), "rows": rows}
     Path(args.out).write_text(json.dumps(report, indent=2))
 
 
@@ -256,28 +272,41 @@ def report(args):
     # Bare-model speed: burn (processor bench) and PyTorch, same model, inputs and batches.
     burn = {}
     torch_rows = {}
-    warmups = []
     for path in sorted(results.glob("bench-*.json")):
         data = json.loads(path.read_text())
-        key = (data["model"], data["dtype"])
-        if "load_s" in data:
-            warmups.append(f"- `{path.name}`: {data['model']} {data['dtype']} loaded and warmed up in {data['load_s']:.1f} s")
         for row in data["rows"]:
-            cell = (row["set"], row["batch"])
+            cell = (data["model"], row["set"], row["batch"])
             if path.name.startswith("bench-pytorch-"):
-                torch_rows.setdefault(key, {})[cell] = row["sentences_per_s"]
+                torch_rows.setdefault(data["dtype"], {})[cell] = row["sentences_per_s"]
             else:
-                burn.setdefault(key + (data["attention"],), {})[cell] = row["sentences_per_s"]
-    if burn:
+                burn.setdefault((data["dtype"], data["attention"]), {})[cell] = row["sentences_per_s"]
+    if burn or torch_rows:
         lines += ["## Bare model, sentences/s (embed path, tokenised before timing)", ""]
-        lines += ["| model | dtype | attention | inputs | batch | burn | PyTorch | burn / PyTorch |", "|---|---|---|---|---:|---:|---:|---:|"]
-        for (model, dtype, attention), cells in sorted(burn.items()):
-            for (name, batch), rate in sorted(cells.items()):
-                ref = torch_rows.get((model, dtype), {}).get((name, batch))
-                ratio = f"**{rate / ref:.2f}**" if ref else "-"
-                ref_text = f"{ref:.1f}" if ref else "-"
-                lines.append(f"| {model} | {dtype} | {attention} | {name} | {batch} | {rate:.1f} | {ref_text} | {ratio} |")
-        lines += [""] + warmups + [""]
+        lines += [
+            "PyTorch f32 is IEEE f32; TF32 lets its f32 matmuls use tensor cores, as burn-cuda's f32 matmuls may.",
+            "",
+            "| model | dtype | attention | inputs | batch | burn | PyTorch | burn / PyTorch | PyTorch TF32 | burn / TF32 |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        variants = dict(burn)
+        for dtype in torch_rows:
+            if dtype != "tf32" and not any(d == dtype for d, _ in variants):
+                variants[(dtype, "-")] = {}
+        def num(value):
+            return f"{value:.1f}" if value else "-"
+        def ratio(a, b):
+            return f"**{a / b:.2f}**" if a and b else "-"
+        for (dtype, attention), cells in sorted(variants.items()):
+            keys = sorted(set(cells) | set(torch_rows.get(dtype, {})))
+            for cell in keys:
+                rate = cells.get(cell)
+                ref = torch_rows.get(dtype, {}).get(cell)
+                tf32 = torch_rows.get("tf32", {}).get(cell) if dtype == "f32" else None
+                model, name, batch = cell
+                lines.append(
+                    f"| {model} | {dtype} | {attention} | {name} | {batch} | {num(rate)} | {num(ref)} | {ratio(rate, ref)} | {num(tf32)} | {ratio(rate, tf32)} |"
+                )
+        lines.append("")
 
     fidelity = sorted(results.glob("fidelity-*.json"))
     if fidelity:
@@ -296,14 +325,14 @@ def report(args):
     e2e = sorted(results.glob("e2e-*.json"))
     if e2e:
         lines += ["## End to end through a local nats-server (one processor, loadtest on the same machine)", ""]
-        lines += ["| model | dtype | in flight | requests/s | p50 ms | p99 ms | mean batch | errors | bare model inputs/s | service / bare |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| model | dtype | ready s | in flight | requests/s | p50 ms | p99 ms | mean batch | errors | bare model inputs/s | service / bare |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for path in e2e:
             data = json.loads(path.read_text())
             bare = data["baselines"]["model_inputs_per_s"]
             for run in data["runs"]:
                 inflight = run["load"].get("concurrency", "open")
                 lines.append(
-                    f"| {Path(data['model_path']).name} | {data['dtype']} | {inflight} | {run['requests_per_s']:.1f} | {run['p50_ms']:.2f} | {run['p99_ms']:.2f} | {run['mean_batch_size']:.1f} | {run['errors']} | {bare:.1f} | **{run['vs_bare_model']:.2f}** |"
+                    f"| {Path(data['model_path']).name} | {data['dtype']} | {run.get('ready_s', 0):.1f} | {inflight} | {run['requests_per_s']:.1f} | {run['p50_ms']:.2f} | {run['p99_ms']:.2f} | {run['mean_batch_size']:.1f} | {run['errors']} | {bare:.1f} | **{run['vs_bare_model']:.2f}** |"
                 )
         lines.append("")
 
@@ -324,6 +353,7 @@ def main():
     p = sub.add_parser("env")
     p.add_argument("out")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--nvrtc", default="not looked for")
     p = sub.add_parser("texts")
     p.add_argument("out")
     p = sub.add_parser("checkpoints")
@@ -332,7 +362,7 @@ def main():
     p = sub.add_parser("fidelity")
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dump", action="append", required=True, help="NAME=FILE from `processor dump`")
+    p.add_argument("--dump", action="append", required=True, help="[NAME=]FILE from `processor dump`")
     p.add_argument("--out", required=True)
     p = sub.add_parser("bench")
     p.add_argument("--model", required=True)
@@ -342,6 +372,7 @@ def main():
     p.add_argument("--sets", default="short16,mixed8_128")
     p.add_argument("--batch-sizes", default="1,8,32,128")
     p.add_argument("--min-time", type=float, default=1.0)
+    p.add_argument("--tf32", action="store_true", help="let f32 matmuls use TF32 tensor cores")
     p.add_argument("--out", required=True)
     p = sub.add_parser("report")
     p.add_argument("results")

@@ -200,15 +200,18 @@ async fn measure_workers(
     // A prefix of its own, so that runs against a shared server do not mix.
     let prefix = format!("loadtest{}w{workers}", std::process::id());
     let mut processors = Vec::with_capacity(workers);
+    let starting = std::time::Instant::now();
     for _ in 0..workers {
+        // A GPU processor compiles and autotunes its kernels before it reports ready.
         let process = ChildProcess::spawn(
             processor_command(cli, processor_bin, &url, &prefix),
             "processor ready",
-            Duration::from_secs(180),
+            Duration::from_secs(600),
         );
         pids.push(process.pid());
         processors.push(process);
     }
+    let ready_s = starting.elapsed().as_secs_f64();
     let options = ClientOptions {
         prefix: prefix.clone(),
         timeout: Duration::from_secs(30),
@@ -246,7 +249,9 @@ async fn measure_workers(
         )
         .await;
         let after = report::batch_counters(&nats, &prefix).await;
-        runs.push(Run::new(workers, load, cli, outcome, before, after));
+        let mut run = Run::new(workers, load, cli, outcome, before, after);
+        run.ready_s = ready_s;
+        runs.push(run);
     }
 
     for process in &processors {

@@ -15,6 +15,9 @@ pub struct Run {
     pub workers: usize,
     /// How requests were sent in this measurement.
     pub load: Load,
+    /// Seconds from starting the processors (one after the other) until all were ready:
+    /// model load and warm-up.
+    pub ready_s: f64,
     pub requests: u64,
     pub requests_per_s: f64,
     pub inputs_per_s: f64,
@@ -87,6 +90,7 @@ impl Run {
         Run {
             workers,
             load,
+            ready_s: 0.0,
             requests,
             requests_per_s,
             inputs_per_s: requests_per_s * cli.inputs_per_request as f64,

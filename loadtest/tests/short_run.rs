@@ -150,6 +150,7 @@ fn a_bert_run_compares_the_service_with_the_bare_model_measured_by_processor_ben
     assert_eq!(runs.len(), 2);
     for (run, in_flight) in runs.iter().zip([4, 16]) {
         assert_eq!(run["load"]["concurrency"], in_flight, "{run}");
+        assert!(run["ready_s"].as_f64().unwrap() > 0.0, "{run}");
         assert_eq!(run["errors"], 0, "{run}");
         let ratio = run["vs_bare_model"].as_f64().unwrap();
         let rate = run["inputs_per_s"].as_f64().unwrap();

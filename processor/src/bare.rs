@@ -46,7 +46,7 @@ pub struct BenchRow {
     pub sentences_per_s: f64,
     /// Mean time per batch, in milliseconds.
     pub ms_per_batch: f64,
-    /// Mean padded length of a batch, in tokens.
+    /// Mean length a batch is padded to, in tokens.
     pub mean_padded_len: f64,
 }
 
@@ -157,7 +157,7 @@ fn measure(
     let elapsed = started.elapsed().as_secs_f64();
     let padded: usize = batches
         .iter()
-        .map(|rows| rows.iter().map(|r| r.len()).max().unwrap_or(0))
+        .map(|rows| model.padded_len(rows.iter().map(|r| r.len()).max().unwrap_or(0)))
         .sum();
     BenchRow {
         set: set.to_string(),

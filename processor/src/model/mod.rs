@@ -157,12 +157,13 @@ pub struct WarmUpPlan {
 }
 
 impl WarmUpPlan {
-    /// The `(inputs, length)` classes of batches for a model that takes inputs of up to
-    /// `longest` tokens: lengths 8, 16, 24, 32, 48, 64, 96, ... (powers of two and the
-    /// multiple of 8 halfway between) and `longest`; for each, batch sizes 1, 2, 4, ... and
-    /// the largest the scheduler fills at that length (`max_batch`, or fewer where
-    /// `max_tokens` bounds it). GPU autotuning buckets shapes by powers of two, and a
-    /// non-power-of-two length brings the other kernel variants (strides, vector widths).
+    /// The `(inputs, length)` batches for a model that takes inputs of up to `longest` tokens:
+    /// lengths 8, 16, 24, 32, 48, 64, 96, ... (powers of two and the multiple of 8 halfway
+    /// between) and `longest`, each with batch sizes 1, 2, 4, ... and the largest the scheduler
+    /// fills at that length (`max_batch`, or fewer where `max_tokens` bounds it); then one
+    /// input of every other multiple of 8 up to `longest`. GPU autotuning buckets sizes by
+    /// powers of two but keys matmuls on their strides too, and the attention matmuls' strides
+    /// follow the (padded) length whatever the batch size.
     pub fn shapes(&self, longest: usize) -> Vec<(usize, usize)> {
         let longest = longest.max(1);
         let mut lengths: Vec<usize> = std::iter::successors(Some(8usize), |l| Some(l * 2))
@@ -181,6 +182,11 @@ impl WarmUpPlan {
             sizes.push(cap);
             shapes.extend(sizes.into_iter().map(|size| (size, length)));
         }
+        let every_length = (8..=longest).step_by(8);
+        let missing: Vec<usize> = every_length
+            .filter(|&l| !shapes.iter().any(|&(_, known)| known == l))
+            .collect();
+        shapes.extend(missing.into_iter().map(|length| (1, length)));
         shapes
     }
 }
@@ -345,20 +351,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn warm_up_shapes_cover_every_power_of_two_class_within_the_bounds() {
+    fn warm_up_shapes_cover_every_class_and_every_padded_length_within_the_bounds() {
         let plan = WarmUpPlan {
             shapes: true,
             max_batch: 32,
             max_tokens: 16384,
         };
         let shapes = plan.shapes(256);
-        let lengths = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
-        let sizes = [1, 2, 4, 8, 16, 32];
-        let expected: Vec<(usize, usize)> = lengths
-            .iter()
-            .flat_map(|&l| sizes.iter().map(move |&b| (b, l)))
-            .collect();
-        assert_eq!(shapes, expected);
+        let grid_lengths = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
+        for length in grid_lengths {
+            for size in [1, 2, 4, 8, 16, 32] {
+                assert!(shapes.contains(&(size, length)), "({size}, {length})");
+            }
+        }
+        // Every other multiple of 8 once, alone; nothing else, nothing twice.
+        for length in (8..=256).step_by(8) {
+            assert!(shapes.contains(&(1, length)), "(1, {length})");
+        }
+        let extra = (8..=256).step_by(8).count() - grid_lengths.len();
+        assert_eq!(shapes.len(), grid_lengths.len() * 6 + extra);
 
         // max_tokens bounds the batch at long lengths; the bound itself is a shape.
         let plan = WarmUpPlan {
@@ -377,7 +388,7 @@ mod tests {
             Some(24)
         );
         // An input longer than max_tokens is still computed, alone; tiny models have one length.
-        assert_eq!(plan.shapes(5000).last(), Some(&(1, 5000)));
+        assert!(plan.shapes(5000).contains(&(1, 5000)));
         assert_eq!(
             plan.shapes(3),
             vec![(1, 3), (2, 3), (4, 3), (8, 3), (16, 3), (24, 3)]

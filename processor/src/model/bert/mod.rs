@@ -179,6 +179,15 @@ impl BertModel {
         &self.config
     }
 
+    /// The length a batch whose longest input has `longest` tokens is padded to: rounded up to
+    /// `pad_to_multiple`, within the position table.
+    pub fn padded_len(&self, longest: usize) -> usize {
+        longest
+            .next_multiple_of(self.options.pad_to_multiple.max(1))
+            .min(self.config.bert.max_position_embeddings)
+            .max(longest)
+    }
+
     /// The model's float type as a tensor dtype.
     fn dtype(&self) -> DType {
         self.options.dtype.into()
@@ -188,10 +197,7 @@ impl BertModel {
     /// position table), runs embeddings and encoder.
     fn encode(&self, batch: &[&[u32]]) -> Encoded {
         let longest = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
-        let len = longest
-            .next_multiple_of(self.options.pad_to_multiple.max(1))
-            .min(self.config.bert.max_position_embeddings)
-            .max(longest);
+        let len = self.padded_len(longest);
         let mut ids = Vec::with_capacity(batch.len() * len);
         let mut mask = Vec::with_capacity(batch.len() * len);
         let pad = self.preparer.tokenizer.pad_id() as i64;
