@@ -211,8 +211,6 @@ def bench(args):
     import torch
     from transformers import AutoTokenizer
 
-    import torch
-
     # PyTorch computes f32 matmuls in IEEE f32 unless told to use TF32 tensor cores.
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32

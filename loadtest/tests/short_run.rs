@@ -28,39 +28,54 @@ fn is_running(pid: u64) -> bool {
     }
 }
 
+/// Runs loadtest with `args`, `--json json` and this workspace's processor; it must succeed.
+/// Returns what it printed and the JSON it wrote.
+fn run_loadtest(args: &[&str], json: &std::path::Path) -> (String, serde_json::Value) {
+    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .arg("--processor-bin")
+        .arg(processor_binary())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let report = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (stdout, report)
+}
+
 #[test]
 fn a_short_echo_run_reports_every_figure_and_stops_its_processes() {
     let dir = std::env::temp_dir().join(format!("loadtest-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (json, plot) = (dir.join("run.json"), dir.join("run.svg"));
-    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["--workers", "1,2", "--model", "echo", "--duration", "2s"])
-        .args([
+    let plot_arg = plot.to_str().unwrap();
+    let (stdout, report) = run_loadtest(
+        &[
+            "--workers",
+            "1,2",
+            "--model",
+            "echo",
+            "--duration",
+            "2s",
             "--warmup",
             "300ms",
             "--concurrency",
             "16",
             "--inputs-per-request",
             "2",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .arg("--plot")
-        .arg(&plot)
-        .arg("--processor-bin")
-        .arg(processor_binary())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+            "--plot",
+            plot_arg,
+        ],
+        &json,
+    );
     assert!(
         stdout.contains("| workers | in flight | requests/s |"),
         "{stdout}"
     );
 
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     for (run, workers) in runs.iter().zip([1, 2]) {
@@ -116,28 +131,29 @@ fn a_bert_run_compares_the_service_with_the_bare_model_measured_by_processor_ben
         env!("CARGO_MANIFEST_DIR"),
         "/../processor/tests/fixtures/tiny-bert-mlm"
     );
-    let output = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["--workers", "1", "--model", "bert", "--model-path", model])
-        .args(["--device", "cpu", "--dtype", "f32", "--max-batch-size", "8"])
-        .args([
+    let (_, report) = run_loadtest(
+        &[
+            "--workers",
+            "1",
+            "--model",
+            "bert",
+            "--model-path",
+            model,
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--max-batch-size",
+            "8",
             "--duration",
             "2s",
             "--warmup",
             "300ms",
             "--concurrency",
             "4,16",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .arg("--processor-bin")
-        .arg(processor_binary())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        ],
+        &json,
+    );
     assert_eq!(report["device"], "cpu");
     assert!(report["model_path"]
         .as_str()

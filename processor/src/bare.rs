@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::config::{ModelConfig, ModelKind};
+use crate::config::{AttentionImpl, DeviceKind, ModelConfig, ModelKind, Precision};
 use crate::model::bert::{top_k_softmax, BertModel};
-use crate::model::WarmUpPlan;
+use crate::model::{BatchModel, WarmUpPlan};
 
 /// `processor bench`: sentences/s of the embed path for each input set and batch size.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,17 +50,36 @@ pub struct BenchRow {
     pub mean_padded_len: f64,
 }
 
+/// What computed a report's figures: the checkpoint and how it ran.
+#[derive(Debug, Clone, Serialize)]
+pub struct Setup {
+    /// The checkpoint's name (its directory).
+    pub model: String,
+    /// `cpu` or `cuda`.
+    pub device: DeviceKind,
+    /// `f32`, `f16` or `bf16`.
+    pub dtype: Precision,
+    /// `fused` or `explicit` (what `auto` stood for).
+    pub attention: AttentionImpl,
+}
+
+impl Setup {
+    fn of(config: &ModelConfig, model: &BertModel) -> Self {
+        Setup {
+            model: model.name().to_string(),
+            device: config.device,
+            dtype: config.dtype,
+            attention: config.attention(),
+        }
+    }
+}
+
 /// What `processor bench` measured, and on what.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
-    /// The checkpoint's directory name.
-    pub model: String,
-    /// `cpu` or `cuda`.
-    pub device: String,
-    /// `f32`, `f16` or `bf16`.
-    pub dtype: String,
-    /// `fused` or `explicit`.
-    pub attention: String,
+    /// The checkpoint and how it ran.
+    #[serde(flatten)]
+    pub setup: Setup,
     /// Seconds to load the checkpoint (and warm it up as configured).
     pub load_s: f64,
     /// One row per (set, batch size).
@@ -80,7 +99,7 @@ pub fn load(config: &ModelConfig, max_batch: usize) -> anyhow::Result<BertModel>
         max_batch,
         max_tokens: usize::MAX,
     };
-    crate::model::BatchModel::warm_up(&mut model, &plan)?;
+    model.warm_up(&plan)?;
     Ok(model)
 }
 
@@ -92,16 +111,19 @@ pub fn bench(config: &ModelConfig, args: &BenchArgs) -> anyhow::Result<BenchRepo
     let model = load(config, max_batch)?;
     let load_s = started.elapsed().as_secs_f64();
     let mut report = BenchReport {
-        model: model_name(&config.path),
-        device: format!("{:?}", config.device).to_lowercase(),
-        dtype: format!("{:?}", config.dtype).to_lowercase(),
-        attention: format!("{:?}", config.attention()).to_lowercase(),
+        setup: Setup::of(config, &model),
         load_s,
         rows: Vec::new(),
     };
+    // Named as in the JSON and the configuration.
+    let setup = serde_json::to_value(&report.setup)?;
+    let name = |key: &str| setup[key].as_str().unwrap_or_default().to_string();
     println!(
         "{} on {} ({}, {} attention), loaded in {load_s:.1} s",
-        report.model, report.device, report.dtype, report.attention
+        report.setup.model,
+        name("device"),
+        name("dtype"),
+        name("attention")
     );
     println!("| inputs | batch | sentences/s | ms/batch | mean padded length |");
     println!("| --- | ---: | ---: | ---: | ---: |");
@@ -202,14 +224,9 @@ pub struct DumpItem {
 /// What `processor dump` writes.
 #[derive(Debug, Clone, Serialize)]
 pub struct DumpReport {
-    /// The checkpoint's directory name.
-    pub model: String,
-    /// `cpu` or `cuda`.
-    pub device: String,
-    /// `f32`, `f16` or `bf16`.
-    pub dtype: String,
-    /// `fused` or `explicit`.
-    pub attention: String,
+    /// The checkpoint and how it ran.
+    #[serde(flatten)]
+    pub setup: Setup,
     /// One per text, in order.
     pub items: Vec<DumpItem>,
 }
@@ -259,22 +276,12 @@ pub fn dump(config: &ModelConfig, args: &DumpArgs) -> anyhow::Result<DumpReport>
         });
     }
     let report = DumpReport {
-        model: model_name(&config.path),
-        device: format!("{:?}", config.device).to_lowercase(),
-        dtype: format!("{:?}", config.dtype).to_lowercase(),
-        attention: format!("{:?}", config.attention()).to_lowercase(),
+        setup: Setup::of(config, &model),
         items,
     };
     std::fs::write(&args.json, serde_json::to_vec(&report)?)
         .with_context(|| format!("writing {}", args.json.display()))?;
     Ok(report)
-}
-
-fn model_name(path: &Path) -> String {
-    path.canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| path.display().to_string())
 }
 
 /// Named sentence sets: every list of strings in a JSON object (or those named in `only`), or

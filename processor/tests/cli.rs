@@ -12,20 +12,25 @@ fn processor() -> Command {
     command
 }
 
-#[test]
-fn print_config_shows_env_and_flag_overrides() {
-    let output = processor()
-        .env("PROCESSOR_MODEL__KIND", "sim")
-        .env("PROCESSOR_BATCH__MAX_SIZE", "7")
-        .args(["--print-config", "--nats-url", "nats://10.1.2.3:4222"])
-        .output()
-        .unwrap();
+/// Runs `command`, which must succeed, and parses the configuration it printed.
+fn printed_config(command: &mut Command) -> toml::Value {
+    let output = command.output().unwrap();
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let config: toml::Value = toml::from_str(&String::from_utf8(output.stdout).unwrap()).unwrap();
+    toml::from_str(&String::from_utf8(output.stdout).unwrap()).unwrap()
+}
+
+#[test]
+fn print_config_shows_env_and_flag_overrides() {
+    let config = printed_config(
+        processor()
+            .env("PROCESSOR_MODEL__KIND", "sim")
+            .env("PROCESSOR_BATCH__MAX_SIZE", "7")
+            .args(["--print-config", "--nats-url", "nats://10.1.2.3:4222"]),
+    );
     assert_eq!(config["model"]["kind"].as_str(), Some("sim"));
     assert_eq!(config["batch"]["max_size"].as_integer(), Some(7));
     assert_eq!(config["nats"]["url"].as_str(), Some("nats://10.1.2.3:4222"));
@@ -42,20 +47,14 @@ fn a_config_file_is_read_and_flags_beat_env() {
         "[service]\nqueue_group = \"from-file\"\n[batch]\nmax_latency_ms = 9\n",
     )
     .unwrap();
-    let output = processor()
-        .env("PROCESSOR_BATCH__MAX_LATENCY_MS", "11")
-        .args(["--print-config", "--config"])
-        .arg(&file)
-        .args(["--max-latency-ms", "13"])
-        .output()
-        .unwrap();
-    std::fs::remove_dir_all(&dir).ok();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let config = printed_config(
+        processor()
+            .env("PROCESSOR_BATCH__MAX_LATENCY_MS", "11")
+            .args(["--print-config", "--config"])
+            .arg(&file)
+            .args(["--max-latency-ms", "13"]),
     );
-    let config: toml::Value = toml::from_str(&String::from_utf8(output.stdout).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
     assert_eq!(config["service"]["queue_group"].as_str(), Some("from-file"));
     assert_eq!(config["batch"]["max_latency_ms"].as_integer(), Some(13));
 }
@@ -117,23 +116,13 @@ fn an_unreachable_nats_server_is_a_clear_error() {
 
 #[test]
 fn model_precision_attention_and_warmup_are_configurable_and_checked() {
-    let output = processor()
-        .env("PROCESSOR_MODEL__DTYPE", "bf16")
-        .args([
-            "--print-config",
-            "--attention",
-            "fused",
-            "--warmup",
-            "shapes",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let config: toml::Value = toml::from_str(&String::from_utf8(output.stdout).unwrap()).unwrap();
+    let config = printed_config(processor().env("PROCESSOR_MODEL__DTYPE", "bf16").args([
+        "--print-config",
+        "--attention",
+        "fused",
+        "--warmup",
+        "shapes",
+    ]));
     assert_eq!(config["model"]["dtype"].as_str(), Some("bf16"));
     assert_eq!(config["model"]["attention"].as_str(), Some("fused"));
     assert_eq!(config["model"]["warmup"].as_str(), Some("shapes"));

@@ -169,16 +169,6 @@ impl BertModel {
         self.mlm.is_some()
     }
 
-    /// How the model computes.
-    pub fn options(&self) -> BertOptions {
-        self.options
-    }
-
-    /// The sizes from `config.json` (and the longest input, in tokens).
-    pub fn config(&self) -> &CheckpointConfig {
-        &self.config
-    }
-
     /// The length a batch whose longest input has `longest` tokens is padded to: rounded up to
     /// `pad_to_multiple`, within the position table.
     pub fn padded_len(&self, longest: usize) -> usize {
