@@ -120,9 +120,22 @@ impl Default for NatsConfig {
 }
 
 impl NatsConfig {
-    /// Connection options carrying the configured authentication and TLS.
-    pub async fn connect_options(&self, name: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+    /// Connection options carrying the configured authentication and TLS, and the server
+    /// URLs to give them (credentials written in `url` are moved into the options).
+    pub async fn connect_options(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<(async_nats::ConnectOptions, String)> {
+        let servers =
+            schemas::ServerUrls::parse(&self.url).map_err(|e| anyhow::anyhow!("nats.url: {e}"))?;
         let mut options = async_nats::ConnectOptions::new().name(name);
+        match servers.credentials.clone() {
+            Some(schemas::UrlCredentials::UserPassword { user, password }) => {
+                options = options.user_and_password(user, password);
+            }
+            Some(schemas::UrlCredentials::Token(token)) => options = options.token(token),
+            None => {}
+        }
         if let Some(path) = &self.credentials_file {
             options = options
                 .credentials_file(path)
@@ -144,7 +157,24 @@ impl NatsConfig {
         if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
-        Ok(options.require_tls(self.tls_required))
+        Ok((options.require_tls(self.tls_required), servers.joined()))
+    }
+
+    /// `url` with passwords and tokens replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        schemas::redact_server_urls(&self.url)
+    }
+
+    /// A copy to show people: every secret replaced by `***`.
+    fn redacted(&self) -> NatsConfig {
+        let hide = |secret: &Option<String>| secret.as_ref().map(|_| "***".to_string());
+        NatsConfig {
+            url: self.redacted_url(),
+            nkey_seed: hide(&self.nkey_seed),
+            token: hide(&self.token),
+            password: hide(&self.password),
+            ..self.clone()
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -152,16 +182,21 @@ impl NatsConfig {
             key,
             reason: reason.to_string(),
         };
+        let in_url = schemas::ServerUrls::parse(&self.url)
+            .map_err(|reason| invalid("nats.url", &reason))?
+            .credentials
+            .is_some();
         let methods = [
             self.credentials_file.is_some(),
             self.nkey_seed.is_some(),
             self.token.is_some(),
             self.user.is_some() || self.password.is_some(),
+            in_url,
         ];
         if methods.iter().filter(|&&set| set).count() > 1 {
             return Err(invalid(
                 "nats",
-                "set only one of credentials_file, nkey_seed, token and user/password",
+                "set only one of credentials_file, nkey_seed, token, user/password and credentials in nats.url",
             ));
         }
         if self.user.is_some() != self.password.is_some() {
@@ -206,6 +241,23 @@ pub struct ServiceConfig {
     pub max_inputs: usize,
     /// Most bytes one input text may have.
     pub max_input_bytes: usize,
+    /// `fill_mask`: most candidates per mask a request may ask for (`options.top_k`).
+    pub max_top_k: u32,
+    /// `fill_mask`: most mask tokens in one input.
+    pub max_masks_per_input: usize,
+    /// Requests taken and not yet answered, at most; beyond it a request is answered
+    /// `overloaded` before it is decoded.
+    pub max_in_flight_requests: usize,
+    /// Payload bytes of the requests taken and not yet answered, at most (same refusal).
+    pub max_in_flight_bytes: usize,
+    /// Messages async-nats buffers per subscription before the processor reads them (a burst
+    /// of requests lands here); beyond it the client drops them (counted in
+    /// `bert_dropped_requests_total`). The admission loop keeps the buffers near empty; they
+    /// fill only while it is starved of CPU.
+    pub subscription_capacity: usize,
+    /// At shutdown, how long the processor may take to answer what it holds, stop the service
+    /// and flush replies before it exits anyway (logging how many requests went unanswered).
+    pub shutdown_grace_s: u64,
     /// Answer requests on `{subject_prefix}.<unknown>` with an `unknown_task` error. This costs
     /// a second delivery of every request to the pool (on a catch-all subscription that
     /// ignores known tasks); turn it off to save that and let unknown subjects get "no
@@ -285,6 +337,12 @@ impl Default for ServiceConfig {
             queue_group: "bert-processors".to_string(),
             max_inputs: 256,
             max_input_bytes: 64 * 1024,
+            max_top_k: 100,
+            max_masks_per_input: 16,
+            max_in_flight_requests: 2048,
+            max_in_flight_bytes: 64 << 20,
+            subscription_capacity: 65_536,
+            shutdown_grace_s: 25,
             reply_unknown_tasks: true,
             transport: Transport::Core,
         }
@@ -444,6 +502,12 @@ pub struct BatchConfig {
     pub max_latency_ms: u64,
     /// Most inputs waiting for a batch; beyond it requests get an `overloaded` reply.
     pub queue_capacity: usize,
+    /// A request is refused as `overloaded` when the work already queued ahead of it would
+    /// take longer than this to compute (estimated from recent batches), or longer than its
+    /// own deadline leaves, unless the queue is empty: under a flood, answers come back
+    /// within the requester's deadline (ok or 503) instead of late. The default matches the
+    /// producer's default timeout.
+    pub max_queue_wait_ms: u64,
     /// Batch queued inputs of similar length together (less padding); the oldest input is
     /// always in the next batch, so long inputs are not starved.
     pub length_grouping: bool,
@@ -459,6 +523,7 @@ impl Default for BatchConfig {
             min_size: 1,
             max_latency_ms: 5,
             queue_capacity: 4096,
+            max_queue_wait_ms: 10_000,
             length_grouping: true,
             grouping_window: 256,
         }
@@ -493,6 +558,11 @@ impl BatchConfig {
     pub fn max_latency(&self) -> Duration {
         Duration::from_millis(self.max_latency_ms)
     }
+
+    /// `max_queue_wait_ms` as a duration.
+    pub fn max_queue_wait(&self) -> Duration {
+        Duration::from_millis(self.max_queue_wait_ms)
+    }
 }
 
 /// A configuration that could not be loaded or is invalid.
@@ -515,6 +585,14 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// A copy to print or log: passwords, tokens, seeds and URL credentials replaced by `***`.
+    pub fn redacted(&self) -> Config {
+        Config {
+            nats: self.nats.redacted(),
+            ..self.clone()
+        }
+    }
+
     /// The figment with every layer below the command line: defaults, the config file
     /// (`file`, else `processor.toml` if present) and the environment.
     pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
@@ -578,8 +656,29 @@ impl Config {
         if self.service.max_inputs == 0 {
             return Err(invalid("service.max_inputs", "must be at least 1"));
         }
-        if self.service.max_input_bytes == 0 {
-            return Err(invalid("service.max_input_bytes", "must be at least 1"));
+        for (key, value) in [
+            ("service.max_input_bytes", self.service.max_input_bytes),
+            ("service.max_top_k", self.service.max_top_k as usize),
+            (
+                "service.max_masks_per_input",
+                self.service.max_masks_per_input,
+            ),
+            (
+                "service.max_in_flight_requests",
+                self.service.max_in_flight_requests,
+            ),
+            (
+                "service.max_in_flight_bytes",
+                self.service.max_in_flight_bytes,
+            ),
+            (
+                "service.subscription_capacity",
+                self.service.subscription_capacity,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         for (key, ms) in [
             ("model.batch_ms", self.model.batch_ms),

@@ -1,16 +1,21 @@
-//! The processor: NATS service endpoints → batcher → model worker(s) → replies.
+//! The processor: NATS intake → one request pipeline → scheduler → model worker(s) → replies.
 //!
-//! Transport (`service`) and models (`model`) never import each other; the `batcher` is the
-//! only meeting point, and it knows models only through the [`model::BatchModel`] trait.
+//! `transport` moves messages (core endpoints or the JetStream consumer), `request` turns a
+//! message into work and a result into a reply (pure), `pipeline` is the path both
+//! transports share (admission, compute, reply, counting), `batcher` schedules inputs onto
+//! model workers, and `model` computes. Transports and models never import each other: the
+//! batcher knows models only through the [`model::BatchModel`] trait.
 
 pub mod bare;
 pub mod batcher;
 pub mod config;
-mod jetstream;
+mod lifecycle;
 pub mod model;
-mod service;
+mod pipeline;
+mod request;
 pub mod stats;
 pub mod telemetry;
+mod transport;
 
 pub use config::Config;
-pub use service::{run, Processor, ProcessorHandle};
+pub use lifecycle::{run, Processor, ProcessorHandle};

@@ -1,7 +1,7 @@
 //! The scheduler's statistics: lock-free counters and fixed-bucket histograms, read for the
 //! NATS micro `$SRV.STATS` data (and by the metrics exporter).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -132,6 +132,9 @@ pub struct BatcherStats {
     pub padded_tokens: AtomicU64,
     /// Requests refused because the queue was full.
     pub rejected: AtomicU64,
+    /// Requests refused because the work queued ahead of them would take longer than
+    /// `batch.max_queue_wait_ms`.
+    pub rejected_wait: AtomicU64,
     /// Requests answered with `timeout` because their deadline passed before their batch.
     pub expired: AtomicU64,
     /// Inputs waiting for a batch right now.
@@ -144,6 +147,13 @@ pub struct BatcherStats {
     pub compute: Histogram,
     /// Inputs per batch.
     pub batch_size: Histogram,
+    /// Model worker threads running (they end only if they fail outside a batch).
+    pub workers_alive: AtomicU64,
+    /// The queue actor is running (false once it ended, or if it panicked).
+    pub queue_alive: AtomicBool,
+    /// Recent compute time per input, in seconds (an f64's bits; a moving average over
+    /// batches), from which the queue estimates how long its backlog takes.
+    pub(crate) seconds_per_input: AtomicU64,
 }
 
 impl Default for BatcherStats {
@@ -155,17 +165,55 @@ impl Default for BatcherStats {
             tokens: counter(),
             padded_tokens: counter(),
             rejected: counter(),
+            rejected_wait: counter(),
             expired: counter(),
             queued: counter(),
             in_flight: counter(),
             queue_wait: Histogram::new(&TIME_BUCKETS),
             compute: Histogram::new(&TIME_BUCKETS),
             batch_size: Histogram::new(&SIZE_BUCKETS),
+            workers_alive: counter(),
+            queue_alive: AtomicBool::new(false),
+            seconds_per_input: counter(),
         }
     }
 }
 
 impl BatcherStats {
+    /// Folds one batch's compute time into the per-input moving average.
+    pub(crate) fn record_pace(&self, took: Duration, inputs: usize) {
+        let sample = took.as_secs_f64() / inputs.max(1) as f64;
+        let old = f64::from_bits(self.seconds_per_input.load(Ordering::Relaxed));
+        let new = if old == 0.0 {
+            sample
+        } else {
+            old * 0.8 + sample * 0.2
+        };
+        self.seconds_per_input
+            .store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The recent compute time per input (`None` before the first batch).
+    pub fn pace(&self) -> Option<Duration> {
+        let seconds = f64::from_bits(self.seconds_per_input.load(Ordering::Relaxed));
+        (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+    }
+
+    /// How long `workers` take to compute the inputs queued now, at the recent pace; `None`
+    /// when nothing is queued or no batch has been computed yet.
+    pub fn backlog(&self, queued: u64, workers: usize) -> Option<Duration> {
+        if queued == 0 {
+            return None;
+        }
+        let pace = self.pace()?;
+        Some(pace.mul_f64(queued as f64 / workers.max(1) as f64))
+    }
+
+    /// Whether the scheduler can still compute: its queue actor runs and a worker lives.
+    pub fn can_compute(&self) -> bool {
+        self.queue_alive.load(Ordering::Relaxed) && self.workers_alive.load(Ordering::Relaxed) > 0
+    }
+
     /// Mean inputs per batch so far (0 before the first batch).
     pub fn mean_batch_size(&self) -> f64 {
         ratio(
@@ -205,6 +253,7 @@ impl BatcherStats {
             "padded_tokens": load(&self.padded_tokens),
             "padding_ratio": self.padding_ratio(),
             "rejected_overloaded": load(&self.rejected),
+            "rejected_queue_wait": load(&self.rejected_wait),
             "expired": load(&self.expired),
             "queued_inputs": load(&self.queued),
             "in_flight_batches": load(&self.in_flight),

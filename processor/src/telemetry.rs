@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
@@ -32,10 +31,37 @@ const NATS_GRACE: Duration = Duration::from_secs(60);
 /// Labels of `bert_requests_total`.
 type RequestLabels = Vec<(&'static str, String)>;
 
+/// Why a request was answered `overloaded` before it was decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// The queue is full (`batch.queue_capacity`).
+    QueueFull,
+    /// The queue holds more work than `batch.max_queue_wait_ms`.
+    QueueWait,
+    /// `service.max_in_flight_requests` reached.
+    InFlightRequests,
+    /// `service.max_in_flight_bytes` reached.
+    InFlightBytes,
+}
+
+impl Shed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Shed::QueueFull => "queue_full",
+            Shed::QueueWait => "queue_wait",
+            Shed::InFlightRequests => "in_flight_requests",
+            Shed::InFlightBytes => "in_flight_bytes",
+        }
+    }
+}
+
 /// Metrics and health of one processor.
 pub struct Telemetry {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    shed: Family<RequestLabels, Counter>,
+    dropped: Family<RequestLabels, Counter>,
+    undeliverable: Family<RequestLabels, Counter>,
     state: Arc<State>,
 }
 
@@ -65,6 +91,24 @@ impl Telemetry {
             "Requests answered, by task and outcome (ok, or the error kind)",
             requests.clone(),
         );
+        let shed = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "bert_shed_requests",
+            "Requests answered overloaded before decoding, by the bound they met (the queue's own refusals are bert_rejected_requests)",
+            shed.clone(),
+        );
+        let dropped = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "bert_dropped_requests",
+            "Requests lost without a reply, by reason (slow_consumer: the NATS client's buffer for a subscription was full; a lower bound, the client reports at most 128 at once)",
+            dropped.clone(),
+        );
+        let undeliverable = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "bert_undeliverable_replies",
+            "Requests answered whose reply could not be published, by task",
+            undeliverable.clone(),
+        );
         registry.register(
             "bert_build",
             "Version, model kind and transport of this processor",
@@ -88,6 +132,9 @@ impl Telemetry {
         Arc::new(Telemetry {
             registry,
             requests,
+            shed,
+            dropped,
+            undeliverable,
             state,
         })
     }
@@ -101,6 +148,28 @@ impl Telemetry {
         };
         self.requests
             .get_or_create(&vec![("task", task), ("outcome", outcome)])
+            .inc();
+    }
+
+    /// Counts one request shed before decoding.
+    pub fn count_shed(&self, reason: Shed) {
+        self.shed
+            .get_or_create(&vec![("reason", reason.as_str().to_string())])
+            .inc();
+    }
+
+    /// Counts requests lost without a reply.
+    pub fn count_dropped(&self, reason: &'static str) {
+        self.dropped
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
+    }
+
+    /// Counts an answer that could not be published.
+    pub fn count_undeliverable(&self, task: Option<Task>) {
+        let task = task.map_or("unknown", Task::as_str).to_string();
+        self.undeliverable
+            .get_or_create(&vec![("task", task)])
             .inc();
     }
 
@@ -171,8 +240,19 @@ impl Telemetry {
         Ok((address, server))
     }
 
-    /// 200 while the process runs and NATS is connected (or was, less than a minute ago).
-    fn liveness(&self) -> impl IntoResponse {
+    /// 200 while the process can recover by itself: 503 once the scheduler cannot compute
+    /// any more (its queue actor or every model worker is gone), or NATS has been
+    /// unreachable for over a minute. Kubernetes restarts the pod then.
+    fn liveness(&self) -> (StatusCode, String) {
+        if let Some(stats) = self.state.batcher.get() {
+            if !stats.can_compute() && !self.state.draining.load(Ordering::Relaxed) {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "dead: the scheduler cannot compute (its queue or every model worker stopped)\n"
+                        .to_string(),
+                );
+            }
+        }
         let Some(nats) = self.state.nats.get() else {
             return (
                 StatusCode::OK,
@@ -197,15 +277,29 @@ impl Telemetry {
         )
     }
 
-    /// 200 once the model is warmed up and requests are taken; 503 before and while draining.
-    fn readiness(&self) -> impl IntoResponse {
+    /// 200 only while requests can be taken and answered: the model is warmed up, the
+    /// endpoints (or the JetStream pull) are up, NATS is connected, the scheduler can
+    /// compute, and the processor is not draining.
+    pub fn readiness(&self) -> (StatusCode, String) {
         let state = &self.state;
+        let connected = state
+            .nats
+            .get()
+            .map(|c| c.connection_state() == async_nats::connection::State::Connected);
         let reason = if state.draining.load(Ordering::Relaxed) {
             Some("draining")
         } else if !state.model_ready.load(Ordering::Relaxed) {
             Some("model not loaded and warmed up yet")
+        } else if state
+            .batcher
+            .get()
+            .is_some_and(|stats| !stats.can_compute())
+        {
+            Some("the scheduler cannot compute (its queue or every model worker stopped)")
         } else if !state.serving.load(Ordering::Relaxed) {
             Some("not taking requests yet")
+        } else if connected == Some(false) {
+            Some("NATS disconnected")
         } else {
             None
         };
@@ -271,6 +365,11 @@ impl Collector for ScrapeTime {
                 "Requests refused because the queue was full (answered 503)",
                 load(&stats.rejected),
             ),
+            (
+                "bert_rejected_queue_wait_requests",
+                "Requests refused because the queued work ahead would exceed batch.max_queue_wait_ms (answered 503)",
+                load(&stats.rejected_wait),
+            ),
         ] {
             let metric = ConstCounter::new(value);
             metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
@@ -280,6 +379,12 @@ impl Collector for ScrapeTime {
             "bert_queue_depth",
             "Inputs waiting for a batch",
             load(&stats.queued) as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "bert_model_workers_alive",
+            "Model worker threads running",
+            load(&stats.workers_alive) as i64,
         )?;
         gauge(
             &mut encoder,
@@ -338,4 +443,36 @@ fn histogram(
         .collect();
     let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
     metric.encode_histogram::<NoLabelSet>(histogram.sum(), counts.iter().sum(), &buckets, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_fails_once_the_scheduler_cannot_compute() {
+        let telemetry = Telemetry::new(&crate::Config::default());
+        let stats = Arc::new(BatcherStats::default());
+        stats.queue_alive.store(true, Ordering::Relaxed);
+        stats.workers_alive.store(1, Ordering::Relaxed);
+        telemetry.model_loaded(stats.clone(), 1.0);
+        telemetry.model_warmed_up();
+        assert_eq!(telemetry.liveness().0, StatusCode::OK);
+        // Not subscribed yet: not ready, but alive.
+        assert!(telemetry.readiness().1.contains("not taking requests"));
+
+        stats.workers_alive.store(0, Ordering::Relaxed);
+        let (status, text) = telemetry.readiness();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.contains("cannot compute"), "{text}");
+        assert_eq!(telemetry.liveness().0, StatusCode::SERVICE_UNAVAILABLE);
+
+        stats.workers_alive.store(1, Ordering::Relaxed);
+        stats.queue_alive.store(false, Ordering::Relaxed);
+        assert_eq!(telemetry.liveness().0, StatusCode::SERVICE_UNAVAILABLE);
+        // While draining the scheduler stops on purpose: not a reason to restart.
+        telemetry.draining();
+        assert_eq!(telemetry.liveness().0, StatusCode::OK);
+        assert!(telemetry.readiness().1.contains("draining"));
+    }
 }

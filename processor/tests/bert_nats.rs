@@ -85,7 +85,7 @@ async fn fill_mask_through_nats_equals_the_golden_answers() {
         for (got, expected) in output.masks.iter().zip(item["masks"].as_array().unwrap()) {
             for (p, e) in got.iter().zip(expected["top5"].as_array().unwrap()) {
                 assert_eq!(
-                    p.token,
+                    &*p.token,
                     e["token_str"].as_str().unwrap(),
                     "{}",
                     item["text"]
@@ -98,11 +98,63 @@ async fn fill_mask_through_nats_equals_the_golden_answers() {
         .fill_mask(&["twinkle twinkle [MASK] star, how i wonder what you are."])
         .await
         .unwrap();
-    assert_eq!(rhyme[0].masks[0][0].token, "little");
+    assert_eq!(&*rhyme[0].masks[0][0].token, "little");
     let error = client.fill_mask(&["no mask at all"]).await.unwrap_err();
     assert_eq!(
         error.service_error().map(|b| b.kind),
         Some(ErrorCode::InvalidInput)
     );
+    processor.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_embed_request_is_answered_in_json_and_cbor_despite_max_payload() {
+    let server = NatsServer::start();
+    let processor = start_bert(&server.url(), minilm_dir(), "bert").await;
+    let max_inputs = Config::default().service.max_inputs;
+    let texts: Vec<String> = (0..max_inputs)
+        .map(|i| format!("sentence number {i} of the largest request a client may send"))
+        .collect();
+
+    // 256 embeddings as JSON are over the server's 1 MiB: a plain client is told how many fit.
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let payload = serde_json::to_vec(&serde_json::json!({ "inputs": texts })).unwrap();
+    let request = async_nats::Request::new()
+        .payload(payload.into())
+        .timeout(Some(Duration::from_secs(60)));
+    let reply = nats
+        .send_request("bert.embed".to_string(), request)
+        .await
+        .unwrap();
+    let body: schemas::ErrorBody = schemas::decode(schemas::Encoding::Json, &reply.payload)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)));
+    assert_eq!(
+        (body.kind, body.code),
+        (ErrorCode::TooLarge, 413),
+        "{}",
+        body.message
+    );
+    let fit = body.max_inputs.expect("how many inputs fit") as usize;
+    assert!((100..max_inputs).contains(&fit), "{fit}: {}", body.message);
+    assert!(body.message.contains("max_payload"), "{}", body.message);
+
+    // The producer splits by that hint, in JSON; in CBOR the whole reply fits.
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    for encoding in [schemas::Encoding::Json, schemas::Encoding::Cbor] {
+        let options = ClientOptions {
+            encoding,
+            timeout: Duration::from_secs(60),
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with(&server.url(), options).await.unwrap();
+        let embeddings = client.embed(&refs).await.unwrap();
+        assert_eq!(embeddings.len(), max_inputs, "{encoding:?}");
+        assert!(embeddings.iter().all(|e| e.len() == 384));
+        let alone = client.embed(&[refs[200]]).await.unwrap().remove(0);
+        assert!(
+            max_abs_diff(&alone, &embeddings[200]) <= 1e-4,
+            "outputs stay in input order"
+        );
+    }
     processor.shutdown().await.unwrap();
 }

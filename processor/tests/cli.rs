@@ -266,3 +266,41 @@ fn cuda_without_the_cuda_build_is_a_configuration_error_naming_the_build() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("scripts/build-cuda"), "{stderr}");
 }
+
+#[test]
+fn print_config_redacts_every_secret() {
+    let output = processor()
+        .env(
+            "PROCESSOR_NATS__URL",
+            "nats://carol:url-SECRET@10.0.0.1:4222",
+        )
+        .args(["--print-config"])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!printed.contains("url-SECRET"), "{printed}");
+    assert!(
+        printed.contains("nats://carol:***@10.0.0.1:4222"),
+        "{printed}"
+    );
+
+    let config = printed_config(
+        processor()
+            .env("PROCESSOR_NATS__USER", "dave")
+            .env("PROCESSOR_NATS__PASSWORD", "pw-SECRET")
+            .args(["--print-config"]),
+    );
+    assert_eq!(config["nats"]["user"].as_str(), Some("dave"));
+    assert_eq!(config["nats"]["password"].as_str(), Some("***"));
+    let config = printed_config(
+        processor()
+            .env("PROCESSOR_NATS__TOKEN", "tok-SECRET")
+            .args(["--print-config"]),
+    );
+    assert_eq!(config["nats"]["token"].as_str(), Some("***"));
+}

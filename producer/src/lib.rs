@@ -127,16 +127,26 @@ impl Client {
         Self::connect_with(url, ClientOptions::default()).await
     }
 
-    /// Connects to a NATS server with the given options.
+    /// Connects to a NATS server with the given options. `url` may list several servers,
+    /// comma-separated, and carry `user:password@` or `token@` (never shown in errors).
     pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Client, Error> {
-        let nats = async_nats::ConnectOptions::new()
-            .name("producer")
-            .connect(url)
+        let failed = |message: String| Error::Connect {
+            url: schemas::redact_server_urls(url),
+            message,
+        };
+        let servers = schemas::ServerUrls::parse(url).map_err(failed)?;
+        let mut connect = async_nats::ConnectOptions::new().name("producer");
+        match servers.credentials.clone() {
+            Some(schemas::UrlCredentials::UserPassword { user, password }) => {
+                connect = connect.user_and_password(user, password);
+            }
+            Some(schemas::UrlCredentials::Token(token)) => connect = connect.token(token),
+            None => {}
+        }
+        let nats = connect
+            .connect(servers.joined())
             .await
-            .map_err(|e| Error::Connect {
-                url: url.to_string(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| failed(e.to_string()))?;
         Ok(Client::from_nats(nats, options))
     }
 
@@ -184,8 +194,65 @@ impl Client {
             .collect()
     }
 
-    /// Sends any request to a task and returns the whole reply.
+    /// Sends any request to a task and returns the whole reply. A request whose reply would
+    /// exceed the server's message size (the processor answers `too_large` with how many
+    /// inputs fit) is split into requests of that many inputs, and the replies joined.
     pub async fn request(&self, task: Task, request: &InferRequest) -> Result<InferReply, Error> {
+        match self.request_whole(task, request).await {
+            Err(Error::Service(body))
+                if body.kind == ErrorCode::TooLarge && request.inputs.len() > 1 =>
+            {
+                match body.max_inputs {
+                    Some(fit) => {
+                        let fit = (fit as usize).clamp(1, request.inputs.len() - 1);
+                        self.request_split(task, request, fit).await
+                    }
+                    None => Err(Error::Service(body)),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Sends `request` as requests of at most `fit` inputs (a few at a time) and joins the
+    /// replies in input order.
+    fn request_split<'a>(
+        &'a self,
+        task: Task,
+        request: &'a InferRequest,
+        fit: usize,
+    ) -> futures::future::BoxFuture<'a, Result<InferReply, Error>> {
+        Box::pin(async move {
+            let parts: Vec<InferRequest> = request
+                .inputs
+                .chunks(fit)
+                .map(|inputs| InferRequest {
+                    inputs: inputs.to_vec(),
+                    ..request.clone()
+                })
+                .collect();
+            // A few at a time: each may be as large as the server allows.
+            let mut replies = Vec::with_capacity(parts.len());
+            for group in parts.chunks(4) {
+                let sent = group.iter().map(|part| self.request(task, part));
+                replies.extend(futures::future::try_join_all(sent).await?);
+            }
+            let mut joined = InferReply {
+                outputs: Vec::with_capacity(request.inputs.len()),
+                model: String::new(),
+                batch_size: 0,
+            };
+            for reply in replies {
+                joined.outputs.extend(reply.outputs);
+                joined.model = reply.model;
+                joined.batch_size = joined.batch_size.max(reply.batch_size);
+            }
+            Ok(joined)
+        })
+    }
+
+    /// One request as given (with retries), not split.
+    async fn request_whole(&self, task: Task, request: &InferRequest) -> Result<InferReply, Error> {
         let subject = schemas::subject(&self.options.prefix, task);
         let encoding = self.options.encoding;
         let payload = encode(encoding, request).map_err(|e| Error::BadReply(e.to_string()))?;

@@ -163,7 +163,7 @@ mod tests {
         );
         assert_eq!(reply.outputs[1], Output::Text { text: "hi".into() });
         match &reply.outputs[2] {
-            Output::FillMask(fill) => assert_eq!(fill.masks[0][0].token, "star"),
+            Output::FillMask(fill) => assert_eq!(&*fill.masks[0][0].token, "star"),
             other => panic!("wrong variant {other:?}"),
         }
     }

@@ -56,6 +56,10 @@ pub struct ErrorBody {
     pub kind: ErrorCode,
     /// What went wrong and how to fix it.
     pub message: String,
+    /// On `too_large` for a reply over the server's message size: how many inputs per
+    /// request would fit (a client splits the request into requests of at most this many).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_inputs: Option<u32>,
 }
 
 impl ErrorBody {
@@ -65,6 +69,7 @@ impl ErrorBody {
             code: kind.status(),
             kind,
             message: message.into(),
+            max_inputs: None,
         }
     }
 }

@@ -6,11 +6,13 @@
 
 mod codec;
 mod error;
+mod server_url;
 mod task;
 mod types;
 
 pub use codec::{decode, encode, CodecError, Encoding};
 pub use error::{ErrorBody, ErrorCode};
+pub use server_url::{redact_server_urls, ServerUrls, UrlCredentials};
 pub use task::{subject, Task, UnknownTask, DEFAULT_SUBJECT_PREFIX};
 pub use types::{FillMaskOutput, InferOptions, InferReply, InferRequest, MaskPrediction, Output};
 

@@ -93,8 +93,9 @@ pub struct FillMaskOutput {
 /// One candidate token for a mask.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskPrediction {
-    /// The token as text (WordPiece continuation tokens keep their `##`).
-    pub token: String,
+    /// The token as text (WordPiece continuation tokens keep their `##`). Shared: a model
+    /// hands out one copy of each vocabulary entry, not one per prediction.
+    pub token: std::sync::Arc<str>,
     /// Vocabulary id of the token.
     pub token_id: u32,
     /// Probability (softmax over the whole vocabulary).

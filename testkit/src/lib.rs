@@ -52,7 +52,14 @@ impl NatsServer {
         }
     }
 
-    /// Kills the server and starts it again on the same port with the same arguments (and
+    /// Kills the server (SIGKILL: a crash) and leaves it down; [`NatsServer::restart`] brings
+    /// it back on the same port.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the server (if it runs) and starts it again on the same port with the same arguments (and
     /// the same JetStream store), as a server restart in production.
     pub fn restart(&mut self) {
         let _ = self.child.kill();
@@ -178,6 +185,33 @@ impl ChildProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its resident memory now and at its peak (`VmRSS`, `VmHWM` of /proc/PID/status), in
+    /// MiB.
+    pub fn memory_mib(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("reading /proc/PID/status");
+        let field = |name: &str| -> f64 {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|kib| kib.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/PID/status"))
+                / 1024.0
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// The first line of its log containing `marker`, if any.
+    pub fn log_line(&self, marker: &str) -> Option<String> {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .find(|line| line.contains(marker))
+            .cloned()
     }
 
     /// Everything it wrote to stderr so far.

@@ -109,13 +109,15 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: piped logs (journald, kubectl logs, tests) stay plain.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match config.logging.format {
         LogFormat::Human => logs.init(),
         LogFormat::Json => logs.json().with_current_span(true).init(),
     }
     if cli.print_config {
-        match toml::to_string_pretty(&config) {
+        match toml::to_string_pretty(&config.redacted()) {
             Ok(text) => {
                 print!("{text}");
                 return ExitCode::SUCCESS;
@@ -138,7 +140,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(processor::run(config, shutdown_signal())) {
+    let result = runtime.block_on(processor::run(config, shutdown_signal()));
+    // The drain already had its grace period: do not wait again for blocking threads still
+    // computing (a model worker past the deadline).
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("processor: {err:#}");

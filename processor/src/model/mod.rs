@@ -95,6 +95,18 @@ pub trait Prepare: Send + Sync + 'static {
         text: &str,
         options: &InferOptions,
     ) -> Result<Prepared, InputError>;
+
+    /// Whether preparing costs so little (no tokenising) that it may run on the async
+    /// runtime's threads; otherwise it runs on a blocking thread.
+    fn is_cheap(&self) -> bool {
+        false
+    }
+
+    /// The text that marks a mask in `fill_mask` inputs (one token per occurrence), if any:
+    /// requests are checked against `service.max_masks_per_input` on it before preparing.
+    fn mask_token(&self) -> Option<Arc<str>> {
+        None
+    }
 }
 
 /// Token count of models without a tokenizer: words plus two, as if framed by `[CLS]` and
@@ -110,6 +122,10 @@ impl Prepare for WordCount {
         _options: &InferOptions,
     ) -> Result<Prepared, InputError> {
         Ok(Prepared::length_only(text.split_whitespace().count() + 2))
+    }
+
+    fn is_cheap(&self) -> bool {
+        true
     }
 }
 

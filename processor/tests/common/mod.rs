@@ -1,7 +1,13 @@
-//! Paths and golden files shared by the model tests.
+//! Paths and golden files shared by the model tests, and the processor binary as a child
+//! process with its health and metrics endpoint.
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use testkit::ChildProcess;
 
 use serde_json::Value;
 
@@ -62,4 +68,63 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
+}
+
+/// The `processor` binary with every setting at its default but these.
+pub fn processor(url: &str, model: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_processor"));
+    command
+        .current_dir(std::env::temp_dir())
+        .env_remove("PROCESSOR_CONFIG")
+        .env("PROCESSOR_NATS__URL", url)
+        .env("PROCESSOR_HTTP__LISTEN", "127.0.0.1:0")
+        .env("PROCESSOR_MODEL__KIND", model);
+    command
+}
+
+pub fn start(command: Command) -> ChildProcess {
+    ChildProcess::spawn(command, "processor ready", Duration::from_secs(60))
+}
+
+/// The metrics/health address the processor logged.
+pub fn http_address(processor: &ChildProcess) -> String {
+    let line = processor
+        .log_line("http listening")
+        .expect("the processor logs its http address");
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix("address="))
+        .expect("address=HOST:PORT in the log line")
+        .to_string()
+}
+
+/// `GET path` → (status, body).
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+/// The value of a metric line (`name{labels} value`), or 0 if absent.
+pub fn metric(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(name_and_labels))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
 }

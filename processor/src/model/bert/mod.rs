@@ -30,6 +30,10 @@ use super::{BatchModel, InputError, ModelInput, Prepare, Prepared, WarmUpPlan};
 const PADDING_BIAS: f32 = -1e9;
 /// `fill_mask` candidates per mask when the request does not say.
 pub const DEFAULT_TOP_K: u32 = 5;
+/// Mask positions whose vocabulary logits are computed and read back at a time: bounds the
+/// MLM head's memory to `rows x vocab x 4` bytes (7.8 MB for BERT's 30,522 tokens) on the
+/// device and on the host, however many masks a batch carries.
+pub const MASK_ROWS_PER_CHUNK: usize = 64;
 
 /// Why a checkpoint could not be loaded. Every variant names the file (and tensor).
 #[derive(Debug, thiserror::Error)]
@@ -265,35 +269,68 @@ impl BertModel {
             .collect()
     }
 
-    /// Vocabulary logits at each `(input, position)` of the batch, in the given order.
+    /// Vocabulary logits at each `(input, position)` of the batch, in the given order (for
+    /// tests and tools: this reads the whole `[positions, vocab]` table back).
     pub fn mask_logits(
         &self,
         batch: &[&[u32]],
         positions: &[(usize, usize)],
     ) -> Option<Vec<Vec<f32>>> {
+        let vocab = self.config.bert.vocab_size;
+        let mut rows = Vec::with_capacity(positions.len());
+        self.for_mask_chunks(batch, positions, |logits, _| {
+            rows.extend(logits.chunks_exact(vocab).map(<[f32]>::to_vec));
+        })?;
+        Some(rows)
+    }
+
+    /// The `top_k[i]` most likely tokens, with their probabilities, at each
+    /// `(input, position)` of the batch, in the given order. Only one chunk of
+    /// [`MASK_ROWS_PER_CHUNK`] rows of logits exists at a time, on the device and on the host.
+    pub fn mask_top_k(
+        &self,
+        batch: &[&[u32]],
+        positions: &[(usize, usize)],
+        top_k: &[usize],
+    ) -> Option<Vec<Vec<(u32, f32)>>> {
+        assert_eq!(positions.len(), top_k.len(), "one top_k per position");
+        let vocab = self.config.bert.vocab_size;
+        let mut predictions = Vec::with_capacity(positions.len());
+        self.for_mask_chunks(batch, positions, |logits, first| {
+            for (row, &k) in logits.chunks_exact(vocab).zip(&top_k[first..]) {
+                predictions.push(top_k_softmax(row, k));
+            }
+        })?;
+        Some(predictions)
+    }
+
+    /// Encodes the batch once, then computes the MLM head's logits for the positions
+    /// [`MASK_ROWS_PER_CHUNK`] at a time and hands each chunk (`[rows, vocab]`, row-major)
+    /// with the index of its first position to `each`. `None` without an MLM head.
+    fn for_mask_chunks(
+        &self,
+        batch: &[&[u32]],
+        positions: &[(usize, usize)],
+        mut each: impl FnMut(&[f32], usize),
+    ) -> Option<()> {
         let mlm = self.mlm.as_ref()?;
         if positions.is_empty() {
-            return Some(Vec::new());
+            return Some(());
         }
         let encoded = self.encode(batch);
         let hidden = self.config.bert.hidden_size;
-        let flat: Vec<i64> = positions
-            .iter()
-            .map(|&(row, pos)| (row * encoded.len + pos) as i64)
-            .collect();
-        let index =
-            Tensor::<1, Int>::from_data(TensorData::new(flat, [positions.len()]), &self.device);
-        let states = encoded
-            .states
-            .reshape([batch.len() * encoded.len, hidden])
-            .select(0, index);
-        let logits = to_f32_vec(mlm.forward(states));
-        Some(
-            logits
-                .chunks_exact(self.config.bert.vocab_size)
-                .map(<[f32]>::to_vec)
-                .collect(),
-        )
+        let states = encoded.states.reshape([batch.len() * encoded.len, hidden]);
+        for (chunk, rows) in positions.chunks(MASK_ROWS_PER_CHUNK).enumerate() {
+            let flat: Vec<i64> = rows
+                .iter()
+                .map(|&(row, pos)| (row * encoded.len + pos) as i64)
+                .collect();
+            let index =
+                Tensor::<1, Int>::from_data(TensorData::new(flat, [rows.len()]), &self.device);
+            let logits = to_f32_vec(mlm.forward(states.clone().select(0, index)));
+            each(&logits, chunk * MASK_ROWS_PER_CHUNK);
+        }
+        Some(())
     }
 
     fn run_embed(&self, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
@@ -327,20 +364,28 @@ impl BertModel {
             .enumerate()
             .flat_map(|(row, masks)| masks.iter().map(move |&p| (row, p)))
             .collect();
-        let logits = self
-            .mask_logits(&batch, &positions)
-            .expect("fill_mask only runs on checkpoints with an MLM head");
-        let mut logits = logits.into_iter();
+        let top_k: Vec<usize> = inputs
+            .iter()
+            .zip(&masks)
+            .flat_map(|(input, masks)| {
+                let k = input.options.top_k.unwrap_or(DEFAULT_TOP_K) as usize;
+                std::iter::repeat_n(k, masks.len())
+            })
+            .collect();
+        let mut ranked = self
+            .mask_top_k(&batch, &positions, &top_k)
+            .expect("fill_mask only runs on checkpoints with an MLM head")
+            .into_iter();
         inputs
             .iter()
             .zip(&masks)
             .map(|(input, masks)| {
-                let top_k = input.options.top_k.unwrap_or(DEFAULT_TOP_K) as usize;
                 let predictions: Vec<Vec<MaskPrediction>> = masks
                     .iter()
                     .map(|_| {
-                        let row = logits.next().expect("one row per mask");
-                        top_k_softmax(&row, top_k)
+                        ranked
+                            .next()
+                            .expect("one prediction list per mask")
                             .into_iter()
                             .map(|(id, score)| MaskPrediction {
                                 token: tokenizer.token(id),
@@ -429,6 +474,12 @@ impl Prepare for BertPreparer {
             }
         }
     }
+
+    fn mask_token(&self) -> Option<Arc<str>> {
+        self.tokenizer
+            .mask_id()
+            .map(|_| Arc::from(self.tokenizer.mask_token()))
+    }
 }
 
 /// The `k` most likely tokens with their probabilities (softmax over the whole row,
@@ -472,7 +523,7 @@ fn fill_in(
         let (start, replacement) = match best.token.strip_prefix("##") {
             Some(piece) if filled[..start].ends_with(' ') => (start - 1, piece),
             Some(piece) => (start, piece),
-            None => (start, best.token.as_str()),
+            None => (start, &*best.token),
         };
         if end > start && filled.is_char_boundary(start) && filled.is_char_boundary(end) {
             filled.replace_range(start..end, replacement);

@@ -4,6 +4,7 @@
 //! per batch and truncates at its own `max_seq_length`, and so do we (see goldens/README).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use schemas::ErrorCode;
 use tokenizers::Tokenizer;
@@ -20,6 +21,8 @@ pub struct BertTokenizer {
     sep_id: u32,
     mask_id: Option<u32>,
     mask_token: String,
+    /// The text of every id, shared by all the predictions that name it.
+    vocabulary: Vec<Arc<str>>,
 }
 
 /// One tokenised input.
@@ -50,7 +53,12 @@ impl BertTokenizer {
         let id = |token: &str| inner.token_to_id(token);
         let sep_id =
             id("[SEP]").ok_or_else(|| invalid("no [SEP] token in the vocabulary".into()))?;
+        let size = inner.get_vocab_size(true) as u32;
+        let vocabulary = (0..size)
+            .map(|id| Arc::from(inner.id_to_token(id).unwrap_or_else(|| format!("[{id}]"))))
+            .collect();
         Ok(BertTokenizer {
+            vocabulary,
             pad_id: id("[PAD]").unwrap_or(0),
             sep_id,
             mask_id: id("[MASK]"),
@@ -102,10 +110,11 @@ impl BertTokenizer {
         &self.mask_token
     }
 
-    /// The text of a token id.
-    pub fn token(&self, id: u32) -> String {
-        self.inner
-            .id_to_token(id)
-            .unwrap_or_else(|| format!("[{id}]"))
+    /// The text of a token id (shared, not copied).
+    pub fn token(&self, id: u32) -> Arc<str> {
+        match self.vocabulary.get(id as usize) {
+            Some(token) => token.clone(),
+            None => Arc::from(format!("[{id}]")),
+        }
     }
 }

@@ -24,7 +24,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{Config, JetStreamConfig};
-use crate::service::{reply_message, request_span, Context};
+use crate::pipeline::Pipeline;
+use crate::request::{self, Reply};
 
 /// The consumer a processor pulls from, and how it treats messages.
 pub(crate) struct Intake {
@@ -97,7 +98,7 @@ impl Intake {
     pub(crate) async fn serve(
         self,
         client: async_nats::Client,
-        context: Arc<Context>,
+        pipeline: Arc<Pipeline>,
         requests: TaskTracker,
         stop: CancellationToken,
     ) {
@@ -135,19 +136,19 @@ impl Intake {
                 let message = tokio::select! {
                     _ = stop.cancelled() => {
                         drop(permit);
-                        this.finish_pull(&mut messages, &client, &context, &requests).await;
+                        this.finish_pull(&mut messages, &client, &pipeline, &requests).await;
                         break 'pulling;
                     }
                     message = messages.next() => message,
                 };
                 match message {
                     Some(Ok(message)) => {
-                        let (this, client, context) =
-                            (this.clone(), client.clone(), context.clone());
-                        let span = request_span(&message);
+                        let (this, client, pipeline) =
+                            (this.clone(), client.clone(), pipeline.clone());
+                        let span = request::span(&message);
                         requests.spawn(
                             async move {
-                                this.handle(message, &client, &context).await;
+                                this.handle(message, &client, &pipeline).await;
                                 drop(permit);
                             }
                             .instrument(span),
@@ -179,7 +180,7 @@ impl Intake {
         self: &Arc<Self>,
         messages: &mut pull::Stream,
         client: &async_nats::Client,
-        context: &Arc<Context>,
+        pipeline: &Arc<Pipeline>,
         requests: &TaskTracker,
     ) {
         for _ in 0..2 * self.pull_size {
@@ -188,46 +189,45 @@ impl Intake {
             else {
                 break;
             };
-            let (this, client, context) = (self.clone(), client.clone(), context.clone());
-            let span = request_span(&message);
+            let (this, client, pipeline) = (self.clone(), client.clone(), pipeline.clone());
+            let span = request::span(&message);
             requests.spawn(
-                async move { this.handle(message, &client, &context).await }.instrument(span),
+                async move { this.handle(message, &client, &pipeline).await }.instrument(span),
             );
         }
     }
 
-    async fn handle(&self, message: Message, client: &async_nats::Client, context: &Context) {
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
-        };
-        let inbox = header(headers::REPLY_INBOX);
-        let encoding = Encoding::detect(header(headers::CONTENT_TYPE).as_deref(), &message.payload);
+    async fn handle(&self, message: Message, client: &async_nats::Client, pipeline: &Pipeline) {
+        let inbox =
+            request::header(message.headers.as_ref(), headers::REPLY_INBOX).map(str::to_string);
+        let encoding = request::encoding_of(message.headers.as_ref(), &message.payload);
         let task = self.task_of(&message);
         let (delivered, age) = match message.info() {
             Ok(info) => (info.delivered.max(1) as u32, age_of(info.published)),
             Err(_) => (1, Duration::ZERO),
         };
-        let result = if delivered > self.settings.max_deliver {
-            Err(ErrorBody::new(
+        let (result, inputs) = if delivered > self.settings.max_deliver {
+            let error = ErrorBody::new(
                 ErrorCode::ModelFailed,
                 format!(
                     "the request was delivered {} times without being answered; giving up",
                     delivered - 1
                 ),
-            ))
+            );
+            (Err(error), 0)
         } else {
             // Deadline budgets count from when the stream received the request.
             let received = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-            match &task {
-                Ok(task) => {
-                    self.compute(*task, &message, encoding, received, context)
+            let admitted =
+                pipeline.admit(message.payload.len(), message.headers.as_ref(), received);
+            match (&task, admitted) {
+                (Err(unknown), _) => (Err(unknown.clone()), 0),
+                // Refused for now: transient, so nak'ed below for another processor.
+                (Ok(_), Err(overloaded)) => (Err(overloaded), 0),
+                (Ok(task), Ok(_ticket)) => {
+                    self.compute(*task, &message, encoding, received, pipeline)
                         .await
                 }
-                Err(unknown) => Err(unknown.clone()),
             }
         };
 
@@ -240,7 +240,12 @@ impl Intake {
             }
             return;
         }
-        let (reply_headers, body) = reply_message(encoding, task.ok(), &result, context);
+        let failed = result.is_err();
+        let Reply {
+            headers: reply_headers,
+            body,
+            error,
+        } = pipeline.reply(encoding, result, inputs);
         match inbox {
             Some(inbox) => {
                 if let Err(err) = client
@@ -249,16 +254,21 @@ impl Intake {
                 {
                     // Not acked: it is redelivered and answered again.
                     tracing::warn!(%err, "sending a reply; leaving the request for redelivery");
+                    pipeline.record(task.ok(), error.as_ref(), false);
                     return;
                 }
+                pipeline.record(task.ok(), error.as_ref(), true);
             }
-            None => tracing::warn!(
-                subject = %message.subject,
-                "a request without a {} header: computed, but nobody to answer",
-                headers::REPLY_INBOX
-            ),
+            None => {
+                tracing::warn!(
+                    subject = %message.subject,
+                    "a request without a {} header: computed, but nobody to answer",
+                    headers::REPLY_INBOX
+                );
+                pipeline.record(task.ok(), error.as_ref(), false);
+            }
         }
-        let ack = if result.is_err() && delivered >= self.settings.max_deliver {
+        let ack = if failed && delivered >= self.settings.max_deliver {
             AckKind::Term
         } else {
             AckKind::Ack
@@ -275,12 +285,7 @@ impl Intake {
             .strip_prefix(self.prefix.as_str())
             .and_then(|rest| rest.strip_prefix('.'))
             .unwrap_or_default();
-        name.parse().map_err(|_| {
-            ErrorBody::new(
-                ErrorCode::UnknownTask,
-                format!("unknown task `{name}`; this service serves embed and fill_mask"),
-            )
-        })
+        name.parse().map_err(|_| request::unknown_task(name))
     }
 
     /// Runs the request, telling the server it is still in progress every half `ack_wait`.
@@ -290,9 +295,15 @@ impl Intake {
         message: &Message,
         encoding: Encoding,
         received: Instant,
-        context: &Context,
-    ) -> Result<InferReply, ErrorBody> {
-        let work = context.infer(task, message, encoding, received);
+        pipeline: &Pipeline,
+    ) -> (Result<InferReply, ErrorBody>, usize) {
+        let work = pipeline.compute(
+            task,
+            encoding,
+            &message.payload,
+            message.headers.as_ref(),
+            received,
+        );
         tokio::pin!(work);
         let mut progress = tokio::time::interval(self.settings.ack_wait() / 2);
         progress.tick().await; // the first tick is immediate

@@ -1,0 +1,160 @@
+//! A request in flight through the scheduler: its prepared inputs, and the results gathered
+//! as its inputs' batches finish.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use schemas::{ErrorCode, InferOptions, Output, Task};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::{Completed, Refused};
+use crate::model::{InputError, Prepared};
+
+/// The error of a request whose deadline passed before its batch started.
+pub(super) fn expired_error(waited: Duration) -> Refused {
+    Refused::new(
+        ErrorCode::Timeout,
+        format!(
+            "the request's deadline passed after {:.1} ms in the queue, before its batch started; it was not computed",
+            waited.as_secs_f64() * 1000.0
+        ),
+    )
+}
+
+/// An input's error as the request's error, naming the input when there are several.
+pub(super) fn input_error(index: usize, inputs: usize, error: InputError) -> Refused {
+    let message = if inputs == 1 {
+        error.message
+    } else {
+        format!("input {index}: {}", error.message)
+    };
+    Refused::new(error.code, message)
+}
+
+/// One request in flight: its prepared inputs and the results gathered so far.
+pub(super) struct Job {
+    pub(super) task: Task,
+    pub(super) inputs: Vec<String>,
+    pub(super) prepared: Vec<Prepared>,
+    pub(super) options: InferOptions,
+    pub(super) arrived: Instant,
+    pub(super) deadline: Option<Instant>,
+    /// The requester's `Request-Id`, for the logs.
+    pub(super) request_id: Option<Arc<str>>,
+    pub(super) progress: Mutex<Progress>,
+}
+
+pub(super) struct Progress {
+    pub(super) results: Vec<Option<Result<Output, InputError>>>,
+    pub(super) remaining: usize,
+    pub(super) largest_batch: usize,
+    /// Taken when the request is answered.
+    pub(super) done: Option<oneshot::Sender<Result<Completed, Refused>>>,
+}
+
+impl Job {
+    pub(super) fn new(
+        task: Task,
+        inputs: Vec<String>,
+        prepared: Vec<Prepared>,
+        options: InferOptions,
+        deadline: Option<Instant>,
+        done: oneshot::Sender<Result<Completed, Refused>>,
+    ) -> Self {
+        let n = inputs.len();
+        Job {
+            task,
+            inputs,
+            prepared,
+            options,
+            arrived: Instant::now(),
+            deadline,
+            request_id: None,
+            progress: Mutex::new(Progress {
+                results: (0..n).map(|_| None).collect(),
+                remaining: n,
+                largest_batch: 0,
+                done: Some(done),
+            }),
+        }
+    }
+
+    /// Whether the request has been answered (its remaining inputs need no computing).
+    pub(super) fn answered(&self) -> bool {
+        self.progress.lock().expect("job lock").done.is_none()
+    }
+
+    /// Answers the request now with an error; false if it was already answered.
+    pub(super) fn refuse(&self, error: Refused) -> bool {
+        let done = self.progress.lock().expect("job lock").done.take();
+        match done {
+            Some(done) => {
+                let _ = done.send(Err(error));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records one input's result; the last one answers the request.
+    pub(super) fn complete(
+        &self,
+        index: usize,
+        result: Result<Output, InputError>,
+        batch_size: usize,
+    ) {
+        let mut progress = self.progress.lock().expect("job lock");
+        if progress.results[index].is_some() {
+            return;
+        }
+        progress.results[index] = Some(result);
+        progress.remaining -= 1;
+        progress.largest_batch = progress.largest_batch.max(batch_size);
+        if progress.remaining > 0 {
+            return;
+        }
+        let Some(done) = progress.done.take() else {
+            return;
+        };
+        let batch_size = progress.largest_batch;
+        let results = std::mem::take(&mut progress.results);
+        drop(progress);
+        let n = results.len();
+        let outputs = results
+            .into_iter()
+            .enumerate()
+            .map(|(i, result)| {
+                result
+                    .expect("every input has a result")
+                    .map_err(|e| input_error(i, n, e))
+            })
+            .collect::<Result<Vec<_>, _>>();
+        let _ = done.send(outputs.map(|outputs| Completed {
+            outputs,
+            batch_size,
+        }));
+    }
+}
+
+/// One queued input.
+pub(super) struct Item {
+    pub(super) job: Arc<Job>,
+    pub(super) index: usize,
+    pub(super) tokens: usize,
+}
+
+impl Item {
+    pub(super) fn expired(&self, now: Instant) -> bool {
+        self.job.deadline.is_some_and(|d| d <= now)
+    }
+}
+
+/// A batch for a worker: inputs of one task, each pointing back to its request.
+pub(super) struct Batch {
+    pub(super) task: Task,
+    pub(super) items: Vec<Item>,
+    /// Inputs were already queued when the worker asked for it: the hand-over is part of
+    /// what each batch costs while the queue drains (see `BatcherStats::record_pace`).
+    pub(super) backlogged: bool,
+}

@@ -1,0 +1,366 @@
+//! The scheduler: an actor that owns the queue of prepared inputs and hands batches to model
+//! workers, each on its own OS thread. This module knows nothing about NATS.
+//!
+//! - Requests arrive through [`Batcher::infer`], which prepares (tokenises) every input before
+//!   queueing it, on a blocking thread (at most one per core) unless the model's preparing is
+//!   trivial, so neither the async runtime nor the workers tokenise. Each input is queued on
+//!   its own: a large request is split over batches, and one batch mixes many requests.
+//! - Workers pull: an idle worker is handed a batch as soon as its task's queue holds
+//!   `min_size` inputs (1 by default: at low load nothing waits), or when the oldest queued
+//!   input has waited `max_latency`. While every worker is busy, inputs accumulate, and the
+//!   next free worker takes up to `max_size` inputs or `max_tokens` padded tokens.
+//! - With length grouping, a batch is the oldest queued input plus the inputs of nearest
+//!   length among the `grouping_window` oldest, so batches carry little padding and no input
+//!   is passed over for ever (the oldest always goes next).
+//! - Inputs whose request's deadline passed are not computed: the request gets `timeout`.
+//!   A full queue answers `overloaded` at once, and so does a queue holding more work than
+//!   its workers compute in `max_queue_wait` (estimated from recent batches).
+//!
+//! Modules: `policy` (the settings), `job` (a request in flight), `queue` (the actor),
+//! `select` (which inputs make a batch), `worker` (the model threads).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use schemas::{ErrorBody, ErrorCode, InferOptions, Output, Task};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
+
+use crate::model::{BatchModel, Prepare, Prepared};
+pub use crate::stats::BatcherStats;
+pub use policy::BatchPolicy;
+
+use job::{expired_error, input_error, Batch, Job};
+use queue::Queue;
+use worker::{load_and_warm_up, work, Loaded};
+
+mod job;
+mod policy;
+mod queue;
+mod select;
+#[cfg(test)]
+mod tests;
+mod worker;
+
+/// Why the scheduler did not compute a request (the transport turns it into an error
+/// reply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The error kind.
+    pub kind: ErrorCode,
+    /// What happened, for a person.
+    pub message: String,
+}
+
+impl Refused {
+    /// A refusal of this kind.
+    pub fn new(kind: ErrorCode, message: impl Into<String>) -> Self {
+        Refused {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Refused> for ErrorBody {
+    fn from(refused: Refused) -> ErrorBody {
+        ErrorBody::new(refused.kind, refused.message)
+    }
+}
+
+/// Why the queue refuses work (see [`Batcher::refuses_now`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// `queue_capacity` inputs are waiting.
+    Full,
+    /// The queued work would take longer than the request may wait.
+    Backlog,
+}
+
+/// The outputs of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completed {
+    /// One output per input, in input order.
+    pub outputs: Vec<Output>,
+    /// The largest batch any of the request's inputs was computed in.
+    pub batch_size: usize,
+}
+
+/// Handle to the batcher; cheap to clone. The actor stops (after computing everything still
+/// queued) once every handle is dropped.
+#[derive(Clone)]
+pub struct Batcher {
+    submit: mpsc::Sender<Arc<Job>>,
+    stats: Arc<BatcherStats>,
+    /// Blocking threads preparing inputs at once, at most (one per core).
+    preparing: Arc<Semaphore>,
+    /// Model workers started.
+    workers: usize,
+    model_name: Arc<str>,
+    preparer: Arc<dyn Prepare>,
+    /// Per task (in `Task::ALL` order): why the model cannot serve it, if it cannot.
+    unsupported: Arc<[Option<String>; Task::ALL.len()]>,
+    policy: BatchPolicy,
+}
+
+/// The worker threads; join them after the last [`Batcher`] handle is dropped.
+pub struct Workers {
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Waits until every worker thread has ended.
+    pub fn join(self) {
+        for thread in self.threads {
+            // A worker that panicked has already answered its requests with errors.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Batcher {
+    /// Starts the queue actor and `workers` model threads; worker `i` builds its own model
+    /// with `load(i)` on its own thread (so a GPU context lives where it is used). Returns
+    /// once every model is loaded, or the first error. Must be called inside a tokio runtime.
+    pub async fn start<M, F>(
+        policy: BatchPolicy,
+        workers: usize,
+        load: F,
+    ) -> anyhow::Result<(Batcher, Workers)>
+    where
+        M: BatchModel,
+        F: Fn(usize) -> anyhow::Result<M> + Send + Sync + 'static,
+    {
+        assert!(workers > 0 && policy.max_size > 0 && policy.min_size > 0);
+        let stats = Arc::new(BatcherStats::default());
+        let load = Arc::new(load);
+        let plan = policy.warm_up_plan();
+        let (ready_tx, ready_rx) = mpsc::channel::<oneshot::Sender<Batch>>(workers);
+        let mut threads = Vec::with_capacity(workers);
+        let mut loaded = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let (loaded_tx, loaded_rx) = oneshot::channel();
+            let load = load.clone();
+            let ready_tx = ready_tx.clone();
+            let stats = stats.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("model-worker-{index}"))
+                .spawn(move || match load_and_warm_up(&*load, index, &plan) {
+                    Ok(model) => {
+                        let info = Loaded {
+                            name: model.name().to_string(),
+                            unsupported: Task::ALL
+                                .map(|t| (!model.supports(t)).then(|| model.unsupported_reason(t))),
+                            preparer: model.preparer(),
+                        };
+                        let _ = loaded_tx.send(Ok(info));
+                        // Counted while this thread serves, however it ends.
+                        let _alive = worker::Alive::new(&stats);
+                        work(model, ready_tx, &stats);
+                    }
+                    Err(err) => {
+                        let _ = loaded_tx.send(Err(err));
+                    }
+                })?;
+            threads.push(thread);
+            loaded.push(loaded_rx);
+        }
+        drop(ready_tx);
+        let mut info = None;
+        for rx in loaded {
+            let result = rx
+                .await
+                .map_err(|_| anyhow::anyhow!("a model worker died while loading its model"))?;
+            info = Some(result?);
+        }
+        let info = info.expect("at least one worker");
+
+        let (submit_tx, submit_rx) = mpsc::channel(1024);
+        let queue = Queue {
+            policy,
+            workers,
+            waiting: Task::ALL.map(|_| VecDeque::new()),
+            queued_inputs: 0,
+            idle: VecDeque::new(),
+            stats: stats.clone(),
+        };
+        stats.queue_alive.store(true, Ordering::Relaxed);
+        let actor = queue.run(submit_rx, ready_rx);
+        match tokio::runtime::Handle::current().runtime_flavor() {
+            // The scheduler's thread of its own: under a flood the runtime's threads are busy
+            // with thousands of request tasks, and a queue that waits its turn among them
+            // hands batches over late and lets requests wait past its own estimates.
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()?;
+                std::thread::Builder::new()
+                    .name("batch-queue".into())
+                    .spawn(move || runtime.block_on(actor))?;
+            }
+            // A single-threaded runtime (tests on paused time): the actor shares it.
+            _ => {
+                tokio::spawn(actor);
+            }
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let batcher = Batcher {
+            submit: submit_tx,
+            stats,
+            preparing: Arc::new(Semaphore::new(cores)),
+            workers,
+            model_name: info.name.into(),
+            preparer: info.preparer,
+            unsupported: Arc::new(info.unsupported),
+            policy,
+        };
+        Ok((batcher, Workers { threads }))
+    }
+
+    /// Prepares a request's inputs, queues them and waits for all of their outputs. Fails for
+    /// the whole request if any input fails (the message names the input), if the queue is
+    /// full, if `deadline` passes before an input's batch starts, or if the model does not
+    /// serve the task.
+    pub async fn infer(
+        &self,
+        task: Task,
+        inputs: Vec<String>,
+        options: InferOptions,
+        deadline: Option<Instant>,
+    ) -> Result<Completed, Refused> {
+        self.infer_traced(task, inputs, options, deadline, None)
+            .await
+    }
+
+    /// [`Batcher::infer`] for a request with an id, which the worker logs with its batch.
+    pub async fn infer_traced(
+        &self,
+        task: Task,
+        inputs: Vec<String>,
+        options: InferOptions,
+        deadline: Option<Instant>,
+        request_id: Option<Arc<str>>,
+    ) -> Result<Completed, Refused> {
+        if let Some(reason) = &self.unsupported[task_index(task)] {
+            return Err(Refused::new(ErrorCode::UnsupportedTask, reason.clone()));
+        }
+        if inputs.is_empty() {
+            return Ok(Completed {
+                outputs: Vec::new(),
+                batch_size: 0,
+            });
+        }
+        if inputs.len() > self.policy.queue_capacity {
+            return Err(Refused::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "{} inputs do not fit in the queue ({} inputs); split the request",
+                    inputs.len(),
+                    self.policy.queue_capacity
+                ),
+            ));
+        }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            self.stats.expired.fetch_add(1, Ordering::Relaxed);
+            return Err(expired_error(Duration::ZERO));
+        }
+        let (inputs, options, prepared) = self.prepare(task, inputs, options).await?;
+        let (done_tx, done_rx) = oneshot::channel();
+        let mut job = Job::new(task, inputs, prepared, options, deadline, done_tx);
+        job.request_id = request_id;
+        let job = Arc::new(job);
+        let stopped = || Refused::new(ErrorCode::Internal, "the batcher has stopped");
+        self.submit.send(job).await.map_err(|_| stopped())?;
+        done_rx.await.map_err(|_| stopped())?
+    }
+
+    /// Prepares every input (failing on the first that cannot be), on a blocking thread
+    /// unless the model's preparing is trivial.
+    async fn prepare(
+        &self,
+        task: Task,
+        inputs: Vec<String>,
+        options: InferOptions,
+    ) -> Result<(Vec<String>, InferOptions, Vec<Prepared>), Refused> {
+        fn all(
+            preparer: &dyn Prepare,
+            task: Task,
+            inputs: &[String],
+            options: &InferOptions,
+        ) -> Result<Vec<Prepared>, Refused> {
+            inputs
+                .iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    preparer
+                        .prepare(task, text, options)
+                        .map_err(|e| input_error(i, inputs.len(), e))
+                })
+                .collect()
+        }
+        if self.preparer.is_cheap() {
+            let prepared = all(&*self.preparer, task, &inputs, &options)?;
+            return Ok((inputs, options, prepared));
+        }
+        let _permit = self
+            .preparing
+            .acquire()
+            .await
+            .map_err(|_| Refused::new(ErrorCode::Internal, "the preparing pool is closed"))?;
+        let preparer = self.preparer.clone();
+        let (inputs, options, prepared) = tokio::task::spawn_blocking(move || {
+            let prepared = all(&*preparer, task, &inputs, &options);
+            (inputs, options, prepared)
+        })
+        .await
+        .map_err(|e| Refused::new(ErrorCode::Internal, format!("preparing the inputs: {e}")))?;
+        Ok((inputs, options, prepared?))
+    }
+
+    /// Whether the queue would refuse a request with `deadline` now: full, or holding more
+    /// work than `max_queue_wait` or the deadline allows (see
+    /// [`BatchPolicy::refuse_for_backlog`]). Read from the queue's last published state, so
+    /// that a transport can answer `overloaded` before it decodes anything; the queue itself
+    /// decides for the requests that get past this.
+    pub fn refuses_now(&self, deadline: Option<Instant>) -> Option<(Busy, Refused)> {
+        let queued = self.stats.queued.load(Ordering::Relaxed);
+        if queued as usize >= self.policy.queue_capacity {
+            let refused = Refused::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "queue full ({queued} of {} inputs waiting); retry later or on another processor",
+                    self.policy.queue_capacity
+                ),
+            );
+            return Some((Busy::Full, refused));
+        }
+        self.policy
+            .refuse_for_backlog(&self.stats, queued, self.workers, deadline, Instant::now())
+            .map(|refused| (Busy::Backlog, refused))
+    }
+
+    /// The text of the model's mask token, if it serves `fill_mask` with one.
+    pub fn mask_token(&self) -> Option<Arc<str>> {
+        self.preparer.mask_token()
+    }
+
+    /// Name of the loaded model.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    /// The batcher's statistics.
+    pub fn stats(&self) -> &Arc<BatcherStats> {
+        &self.stats
+    }
+}
+
+pub(super) fn task_index(task: Task) -> usize {
+    Task::ALL
+        .iter()
+        .position(|t| *t == task)
+        .expect("Task::ALL lists every task")
+}

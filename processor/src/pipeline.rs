@@ -1,0 +1,277 @@
+//! The one request path both transports share: admission (before any decoding) → parse →
+//! scheduler → reply (size-checked) → counted. A transport only moves messages: it asks
+//! [`Pipeline::admit`] when a message arrives, [`Pipeline::compute`] for the result, and
+//! [`Pipeline::reply`] for the message to publish, then reports with [`Pipeline::record`].
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use schemas::{Encoding, ErrorBody, ErrorCode, InferReply, Task};
+use tokio::time::Instant;
+
+use crate::batcher::{Batcher, Busy};
+use crate::request::{self, Limits, Reply};
+use crate::telemetry::{Shed, Telemetry};
+
+/// Payloads up to this size are decoded on the async runtime's thread (microseconds);
+/// larger ones on a blocking thread.
+const DECODE_INLINE_BYTES: usize = 16 * 1024;
+
+/// Request counters shown in `$SRV.STATS` next to the scheduler's.
+#[derive(Debug, Default)]
+pub(crate) struct ReplyStats {
+    pub ok: AtomicU64,
+    pub errors: AtomicU64,
+    /// Answered `overloaded` before decoding (a refusing queue, the in-flight bounds).
+    pub shed: AtomicU64,
+}
+
+/// Requests and payload bytes taken and not yet answered, bounded: the processor's memory
+/// for requests does not grow with the offered load.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    requests: AtomicUsize,
+    bytes: AtomicUsize,
+    max_requests: usize,
+    max_bytes: usize,
+}
+
+/// A place taken in [`Admission`]; given back when dropped (the request was answered).
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    admission: Arc<Admission>,
+    bytes: usize,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.admission.requests.fetch_sub(1, Ordering::AcqRel);
+        self.admission.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+impl Admission {
+    pub fn new(max_requests: usize, max_bytes: usize) -> Arc<Self> {
+        Arc::new(Admission {
+            requests: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_requests,
+            max_bytes,
+        })
+    }
+
+    /// Takes a place for a request of `bytes`, or says which bound it would cross. A request
+    /// larger than the byte bound on its own is taken when nothing else is in flight, so
+    /// every request the server accepts can be served.
+    pub fn try_admit(self: &Arc<Self>, bytes: usize) -> Result<Ticket, Shed> {
+        let requests = self.requests.fetch_add(1, Ordering::AcqRel);
+        let held = self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        let ticket = Ticket {
+            admission: self.clone(),
+            bytes,
+        };
+        if requests >= self.max_requests {
+            return Err(Shed::InFlightRequests);
+        }
+        if held > 0 && held + bytes > self.max_bytes {
+            return Err(Shed::InFlightBytes);
+        }
+        Ok(ticket)
+    }
+
+    /// Requests in flight now.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Payload bytes in flight now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything a request needs on its way through, shared by the transport's tasks.
+pub(crate) struct Pipeline {
+    pub batcher: Batcher,
+    limits: Limits,
+    admission: Arc<Admission>,
+    pub stats: Arc<ReplyStats>,
+    pub telemetry: Arc<Telemetry>,
+    /// The connection, for its negotiated `max_payload` (it may change on reconnect).
+    nats: async_nats::Client,
+}
+
+impl Pipeline {
+    pub fn new(
+        batcher: Batcher,
+        limits: Limits,
+        admission: Arc<Admission>,
+        telemetry: Arc<Telemetry>,
+        nats: async_nats::Client,
+    ) -> Self {
+        Pipeline {
+            batcher,
+            limits,
+            admission,
+            stats: Arc::new(ReplyStats::default()),
+            telemetry,
+            nats,
+        }
+    }
+
+    /// Before anything else is done with a message: a place for it, or the cheap
+    /// `overloaded` error to answer it with (nothing decoded, nothing tokenised) when the
+    /// queue refuses work now or the in-flight bounds are reached.
+    pub fn admit(
+        &self,
+        payload_bytes: usize,
+        message_headers: Option<&HeaderMap>,
+        received: Instant,
+    ) -> Result<Ticket, ErrorBody> {
+        let deadline = request::header_deadline(message_headers, received);
+        let refusal = match self.batcher.refuses_now(deadline) {
+            Some((busy, refused)) => {
+                let reason = match busy {
+                    Busy::Full => Shed::QueueFull,
+                    Busy::Backlog => Shed::QueueWait,
+                };
+                Err((reason, refused.message))
+            }
+            None => self.admission.try_admit(payload_bytes).map_err(|shed| {
+                let message = match shed {
+                    Shed::InFlightRequests => format!(
+                        "this processor holds {} requests (service.max_in_flight_requests); retry later or on another processor",
+                        self.admission.requests().saturating_sub(1)
+                    ),
+                    _ => format!(
+                        "this processor holds {} bytes of requests (service.max_in_flight_bytes); retry later or on another processor",
+                        self.admission.bytes()
+                    ),
+                };
+                (shed, message)
+            }),
+        };
+        refusal.map_err(|(reason, message)| {
+            self.telemetry.count_shed(reason);
+            self.stats.shed.fetch_add(1, Ordering::Relaxed);
+            ErrorBody::new(ErrorCode::Overloaded, message)
+        })
+    }
+
+    /// Decodes, checks and computes one admitted request. `received` is when its time
+    /// budget starts.
+    pub async fn compute(
+        &self,
+        task: Task,
+        encoding: Encoding,
+        payload: &bytes::Bytes,
+        message_headers: Option<&HeaderMap>,
+        received: Instant,
+    ) -> (Result<InferReply, ErrorBody>, usize) {
+        let parsed = if payload.len() <= DECODE_INLINE_BYTES {
+            request::parse(
+                task,
+                encoding,
+                payload,
+                message_headers,
+                received,
+                &self.limits,
+            )
+        } else {
+            // Decoding a large payload takes milliseconds: not on the runtime's threads.
+            let (payload, message_headers) = (payload.clone(), message_headers.cloned());
+            let limits = self.limits.clone();
+            tokio::task::spawn_blocking(move || {
+                request::parse(
+                    task,
+                    encoding,
+                    &payload,
+                    message_headers.as_ref(),
+                    received,
+                    &limits,
+                )
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(ErrorBody::new(
+                    ErrorCode::Internal,
+                    format!("decoding: {e}"),
+                ))
+            })
+        };
+        let parsed = match parsed {
+            Ok(parsed) => parsed,
+            Err(error) => return (Err(error), 0),
+        };
+        let inputs = parsed.inputs.len();
+        let completed = self
+            .batcher
+            .infer_traced(
+                task,
+                parsed.inputs,
+                parsed.options,
+                parsed.deadline,
+                parsed.request_id,
+            )
+            .await;
+        let result = completed
+            .map(|completed| InferReply {
+                outputs: completed.outputs,
+                model: self.batcher.model_name().to_string(),
+                batch_size: completed.batch_size as u32,
+            })
+            .map_err(ErrorBody::from);
+        (result, inputs)
+    }
+
+    /// The message that answers a request of `inputs` inputs with `result`, within the
+    /// server's message size.
+    pub fn reply(
+        &self,
+        encoding: Encoding,
+        result: Result<InferReply, ErrorBody>,
+        inputs: usize,
+    ) -> Reply {
+        request::reply(encoding, result, inputs, self.nats.max_payload())
+    }
+
+    /// Counts an answered request: by its outcome when the reply went out, as undeliverable
+    /// when it could not be published.
+    pub fn record(&self, task: Option<Task>, error: Option<&ErrorBody>, published: bool) {
+        if !published {
+            self.telemetry.count_undeliverable(task);
+            return;
+        }
+        self.telemetry
+            .count_request(task, error.map_or(Ok(()), Err));
+        match error {
+            None => self.stats.ok.fetch_add(1, Ordering::Relaxed),
+            Some(error) => {
+                tracing::debug!(code = error.code, kind = error.kind.as_str(), message = %error.message, "error reply");
+                self.stats.errors.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_bounds_requests_and_bytes_and_gives_places_back() {
+        let admission = Admission::new(2, 100);
+        let a = admission.try_admit(60).unwrap();
+        assert_eq!(admission.try_admit(50).unwrap_err(), Shed::InFlightBytes);
+        let b = admission.try_admit(40).unwrap();
+        assert_eq!(admission.try_admit(1).unwrap_err(), Shed::InFlightRequests);
+        assert_eq!((admission.requests(), admission.bytes()), (2, 100));
+        drop((a, b));
+        assert_eq!((admission.requests(), admission.bytes()), (0, 0));
+        // Larger than the byte bound alone: taken when nothing else is in flight.
+        let big = admission.try_admit(500).unwrap();
+        assert_eq!(admission.try_admit(1).unwrap_err(), Shed::InFlightBytes);
+        drop(big);
+    }
+}
