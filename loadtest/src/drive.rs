@@ -37,6 +37,10 @@ pub struct Outcome {
     pub latencies: Vec<Duration>,
     /// Failed requests (error replies, timeouts).
     pub errors: u64,
+    /// Of the errors: answered `overloaded` (503).
+    pub overloaded: u64,
+    /// Of the errors: no reply within the timeout, or no processor at all.
+    pub no_reply: u64,
     /// The first few error messages.
     pub error_samples: Vec<String>,
     /// Wall time of the measurement.
@@ -170,6 +174,15 @@ fn record(
         Ok(_) => outcome.latencies.push(latency),
         Err(err) => {
             outcome.errors += 1;
+            match &err {
+                producer::Error::Service(body) if body.kind == schemas::ErrorCode::Overloaded => {
+                    outcome.overloaded += 1
+                }
+                producer::Error::TimedOut { .. } | producer::Error::NoResponders { .. } => {
+                    outcome.no_reply += 1
+                }
+                _ => {}
+            }
             if outcome.error_samples.len() < 5 {
                 outcome.error_samples.push(err.to_string());
             }

@@ -61,8 +61,13 @@ pub struct Cli {
     #[arg(long, conflicts_with = "rate", value_delimiter = ',')]
     concurrency: Vec<usize>,
     /// Open loop: requests per second, each timed from its scheduled send time.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overload")]
     rate: Option<f64>,
+    /// Overload: open loop at this multiple of the processors' capacity (the bare model's
+    /// inputs/s, times the workers for `sim`), every processor setting at its default.
+    /// Reports ok / 503 / no-reply counts and the processors' peak RSS.
+    #[arg(long, conflicts_with = "concurrency")]
+    overload: Option<f64>,
     /// Inputs, one per line (default: built-in sentences of 8 to 128 tokens).
     #[arg(long)]
     inputs: Option<PathBuf>,
@@ -111,8 +116,21 @@ impl Cli {
 }
 
 impl Cli {
-    /// The loads to measure: the open-loop rate, or each closed-loop concurrency.
-    fn loads(&self) -> Vec<Load> {
+    /// The loads to measure for `workers` processors: the overload rate, the open-loop rate,
+    /// or each closed-loop concurrency.
+    fn loads(&self, workers: usize, baselines: &baseline::Baselines) -> Vec<Load> {
+        if let Some(factor) = self.overload {
+            let devices = if self.model.scales_with_workers() {
+                workers
+            } else {
+                1
+            };
+            let capacity = baselines.model_inputs_per_s * devices as f64
+                / self.inputs_per_request.max(1) as f64;
+            return vec![Load::Open {
+                rate: (factor * capacity).round().max(1.0),
+            }];
+        }
         match (self.rate, self.concurrency.as_slice()) {
             (Some(rate), _) => vec![Load::Open { rate }],
             (None, []) => vec![Load::Closed { concurrency: 256 }],
@@ -161,14 +179,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         processor_bin.display()
     );
     let inputs = drive::inputs(cli.inputs.as_deref())?;
-    let loads = cli.loads();
 
     eprintln!("measuring baselines…");
     let mut pids = Vec::new();
     let baselines = baseline::measure(&cli, &processor_bin, &inputs, &mut pids).await?;
-    let mut report = Report::new(&cli, loads[0], baselines);
+    let first_load = cli.loads(cli.workers.first().copied().unwrap_or(1), &baselines)[0];
+    let mut report = Report::new(&cli, first_load, baselines);
     report.pids = pids;
     for &workers in &cli.workers {
+        let loads = cli.loads(workers, &report.baselines);
         let runs = measure_workers(
             &cli,
             &processor_bin,
@@ -214,7 +233,8 @@ async fn measure_workers(
     let ready_s = starting.elapsed().as_secs_f64();
     let options = ClientOptions {
         prefix: prefix.clone(),
-        timeout: Duration::from_secs(30),
+        // Overload: the producer's default, so that "no reply" means what a user would see.
+        timeout: Duration::from_secs(if cli.overload.is_some() { 10 } else { 30 }),
         retries: 0,
         ..ClientOptions::default()
     };
@@ -251,6 +271,10 @@ async fn measure_workers(
         let after = report::batch_counters(&nats, &prefix).await;
         let mut run = Run::new(workers, load, cli, outcome, before, after);
         run.ready_s = ready_s;
+        run.peak_rss_mib = processors
+            .iter()
+            .map(|p| p.memory_mib().1)
+            .fold(0.0, f64::max);
         runs.push(run);
     }
 
@@ -286,8 +310,13 @@ fn processor_command(cli: &Cli, bin: &std::path::Path, url: &str, prefix: &str) 
         .env("PROCESSOR_MODEL__DTYPE", &cli.dtype)
         .env("PROCESSOR_MODEL__BATCH_MS", cli.sim_batch_ms.to_string())
         .env("PROCESSOR_MODEL__ITEM_MS", cli.sim_item_ms.to_string())
-        .env("PROCESSOR_BATCH__MAX_SIZE", cli.max_batch_size.to_string())
-        .env("PROCESSOR_BATCH__QUEUE_CAPACITY", "65536")
-        .env("PROCESSOR_SERVICE__MAX_INPUTS", "1024");
+        .env("PROCESSOR_BATCH__MAX_SIZE", cli.max_batch_size.to_string());
+    if cli.overload.is_none() {
+        // Throughput runs measure the pipeline at saturation, not its shedding.
+        command
+            .env("PROCESSOR_BATCH__QUEUE_CAPACITY", "65536")
+            .env("PROCESSOR_BATCH__MAX_QUEUE_WAIT_MS", "3600000")
+            .env("PROCESSOR_SERVICE__MAX_INPUTS", "1024");
+    }
     command
 }

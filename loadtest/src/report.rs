@@ -26,6 +26,12 @@ pub struct Run {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub errors: u64,
+    /// Of the errors: 503 `overloaded` replies.
+    pub overloaded: u64,
+    /// Of the errors: requests that got no reply within the producer's timeout.
+    pub no_reply: u64,
+    /// The largest peak resident memory (VmHWM) among the processors, in MiB.
+    pub peak_rss_mib: f64,
     pub error_samples: Vec<String>,
     /// Mean inputs per batch over the measurement, from the processors' `$SRV.STATS`.
     pub mean_batch_size: f64,
@@ -51,6 +57,8 @@ pub struct Report {
     pub duration_s: f64,
     pub max_batch_size: usize,
     pub baselines: Baselines,
+    /// `--overload`: the multiple of capacity offered.
+    pub overload: Option<f64>,
     pub runs: Vec<Run>,
     /// Every process the tool started (nats-servers, for the baseline and per worker count, and
     /// processors), all stopped at the end.
@@ -99,6 +107,9 @@ impl Run {
             p99_ms: quantile(0.99),
             max_ms: quantile(1.0),
             errors: outcome.errors,
+            overloaded: outcome.overloaded,
+            no_reply: outcome.no_reply,
+            peak_rss_mib: 0.0,
             error_samples: outcome.error_samples,
             mean_batch_size: if batches == 0 {
                 0.0
@@ -139,6 +150,7 @@ impl Report {
             duration_s: cli.duration.as_secs_f64(),
             max_batch_size: cli.max_batch_size,
             baselines,
+            overload: cli.overload,
             runs: Vec::new(),
             pids: Vec::new(),
         }
@@ -163,6 +175,17 @@ impl Report {
             run.errors,
             self.efficiency(run) * 100.0
         );
+        if let (Some(_), Load::Open { rate }) = (self.overload, run.load) {
+            let offered = run.requests + run.errors;
+            println!(
+                "overload: {offered} requests offered at {rate}/s: {} ok, {} overloaded (503), {} other errors, {} no reply; processors' peak RSS {:.0} MiB",
+                run.requests,
+                run.overloaded,
+                run.errors - run.overloaded - run.no_reply,
+                run.no_reply,
+                run.peak_rss_mib
+            );
+        }
     }
 
     fn efficiency(&self, run: &Run) -> f64 {
