@@ -240,7 +240,7 @@ async fn measure_workers(
     };
     let client = Client::connect_with(&url, options)
         .await
-        .with_context(|| format!("connecting to {url}"))?;
+        .with_context(|| format!("connecting to {}", schemas::redact_server_urls(&url)))?;
     let nats = async_nats::connect(&url).await?;
 
     let mut runs = Vec::with_capacity(loads.len());

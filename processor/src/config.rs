@@ -77,7 +77,7 @@ pub enum LogFormat {
 /// `[nats]`: where and how to connect. Use at most one of `credentials_file`, `nkey_seed`,
 /// `token` and `user`/`password`; secrets are best set through the environment
 /// (`PROCESSOR_NATS__PASSWORD`) or a mounted file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URL(s), comma-separated.
@@ -116,6 +116,25 @@ impl Default for NatsConfig {
             tls_key_file: None,
             tls_required: false,
         }
+    }
+}
+
+/// Shows every secret as `***` (a `Debug` print may end up in a log line).
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.redacted();
+        f.debug_struct("NatsConfig")
+            .field("url", &shown.url)
+            .field("credentials_file", &shown.credentials_file)
+            .field("nkey_seed", &shown.nkey_seed)
+            .field("token", &shown.token)
+            .field("user", &shown.user)
+            .field("password", &shown.password)
+            .field("tls_ca_file", &shown.tls_ca_file)
+            .field("tls_cert_file", &shown.tls_cert_file)
+            .field("tls_key_file", &shown.tls_key_file)
+            .field("tls_required", &shown.tls_required)
+            .finish()
     }
 }
 
@@ -916,6 +935,22 @@ mod tests {
         assert_eq!(model.workers(), 3);
         model.workers_per_device = 1;
         assert_eq!(model.workers(), 1);
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let config = NatsConfig {
+            url: "nats://u:URLPW@h:4222".into(),
+            password: Some("PW".into()),
+            user: Some("u".into()),
+            token: Some("TOKEN".into()),
+            nkey_seed: Some("SUSEED".into()),
+            ..NatsConfig::default()
+        };
+        let shown = format!("{config:?} {:?}", Config::default());
+        for secret in ["URLPW", "\"PW\"", "TOKEN", "SUSEED"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
     }
 
     #[test]

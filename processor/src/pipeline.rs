@@ -3,8 +3,8 @@
 //! [`Pipeline::admit`] when a message arrives, [`Pipeline::compute`] for the result, and
 //! [`Pipeline::reply`] for the message to publish, then reports with [`Pipeline::record`].
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_nats::HeaderMap;
 use schemas::{Encoding, ErrorBody, ErrorCode, InferReply, Task};
@@ -17,6 +17,9 @@ use crate::telemetry::{Shed, Telemetry};
 /// Payloads up to this size are decoded on the async runtime's thread (microseconds);
 /// larger ones on a blocking thread.
 const DECODE_INLINE_BYTES: usize = 16 * 1024;
+
+/// Replies to requests of up to this many inputs are encoded on the async runtime's thread.
+const ENCODE_INLINE_INPUTS: usize = 16;
 
 /// Request counters shown in `$SRV.STATS` next to the scheduler's.
 #[derive(Debug, Default)]
@@ -31,8 +34,9 @@ pub(crate) struct ReplyStats {
 /// for requests does not grow with the offered load.
 #[derive(Debug)]
 pub(crate) struct Admission {
-    requests: AtomicUsize,
-    bytes: AtomicUsize,
+    /// (requests, bytes) held now; one lock so that both bounds are checked and taken at
+    /// once (a refused request never counts, not even for a moment).
+    held: Mutex<(usize, usize)>,
     max_requests: usize,
     max_bytes: usize,
 }
@@ -46,16 +50,16 @@ pub(crate) struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.admission.requests.fetch_sub(1, Ordering::AcqRel);
-        self.admission.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        let mut held = self.admission.held.lock().expect("admission lock");
+        held.0 -= 1;
+        held.1 -= self.bytes;
     }
 }
 
 impl Admission {
     pub fn new(max_requests: usize, max_bytes: usize) -> Arc<Self> {
         Arc::new(Admission {
-            requests: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
+            held: Mutex::new((0, 0)),
             max_requests,
             max_bytes,
         })
@@ -65,29 +69,24 @@ impl Admission {
     /// larger than the byte bound on its own is taken when nothing else is in flight, so
     /// every request the server accepts can be served.
     pub fn try_admit(self: &Arc<Self>, bytes: usize) -> Result<Ticket, Shed> {
-        let requests = self.requests.fetch_add(1, Ordering::AcqRel);
-        let held = self.bytes.fetch_add(bytes, Ordering::AcqRel);
-        let ticket = Ticket {
-            admission: self.clone(),
-            bytes,
-        };
+        let mut held = self.held.lock().expect("admission lock");
+        let (requests, held_bytes) = *held;
         if requests >= self.max_requests {
             return Err(Shed::InFlightRequests);
         }
-        if held > 0 && held + bytes > self.max_bytes {
+        if held_bytes > 0 && held_bytes + bytes > self.max_bytes {
             return Err(Shed::InFlightBytes);
         }
-        Ok(ticket)
+        *held = (requests + 1, held_bytes + bytes);
+        Ok(Ticket {
+            admission: self.clone(),
+            bytes,
+        })
     }
 
-    /// Requests in flight now.
-    pub fn requests(&self) -> usize {
-        self.requests.load(Ordering::Relaxed)
-    }
-
-    /// Payload bytes in flight now.
-    pub fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
+    /// Requests and payload bytes in flight now.
+    pub fn held(&self) -> (usize, usize) {
+        *self.held.lock().expect("admission lock")
     }
 }
 
@@ -120,16 +119,29 @@ impl Pipeline {
         }
     }
 
-    /// Before anything else is done with a message: a place for it, or the cheap
-    /// `overloaded` error to answer it with (nothing decoded, nothing tokenised) when the
-    /// queue refuses work now or the in-flight bounds are reached.
+    /// Before anything else is done with a message: a place for it, or the error to answer it
+    /// with at once, nothing decoded: `unsupported_task`, `timeout` (its header deadline had
+    /// passed on arrival), or `overloaded` when the queue refuses work now or the in-flight
+    /// bounds are reached.
     pub fn admit(
         &self,
+        task: Task,
         payload_bytes: usize,
         message_headers: Option<&HeaderMap>,
         received: Instant,
     ) -> Result<Ticket, ErrorBody> {
+        // What is known without decoding and final comes first: no retry would help.
+        if let Some(reason) = self.batcher.unsupported(task) {
+            return Err(ErrorBody::new(ErrorCode::UnsupportedTask, reason));
+        }
         let deadline = request::header_deadline(message_headers, received);
+        if deadline.is_some_and(|deadline| deadline <= received) {
+            self.batcher.stats().expired.fetch_add(1, Ordering::Relaxed);
+            return Err(ErrorBody::new(
+                ErrorCode::Timeout,
+                "the request's deadline had passed when it arrived; it was not computed",
+            ));
+        }
         let refusal = match self.batcher.refuses_now(deadline) {
             Some((busy, refused)) => {
                 let reason = match busy {
@@ -139,14 +151,13 @@ impl Pipeline {
                 Err((reason, refused.message))
             }
             None => self.admission.try_admit(payload_bytes).map_err(|shed| {
+                let (requests, bytes) = self.admission.held();
                 let message = match shed {
                     Shed::InFlightRequests => format!(
-                        "this processor holds {} requests (service.max_in_flight_requests); retry later or on another processor",
-                        self.admission.requests().saturating_sub(1)
+                        "this processor holds {requests} requests (service.max_in_flight_requests); retry later or on another processor"
                     ),
                     _ => format!(
-                        "this processor holds {} bytes of requests (service.max_in_flight_bytes); retry later or on another processor",
-                        self.admission.bytes()
+                        "this processor holds {bytes} bytes of requests (service.max_in_flight_bytes); retry later or on another processor"
                     ),
                 };
                 (shed, message)
@@ -226,14 +237,24 @@ impl Pipeline {
     }
 
     /// The message that answers a request of `inputs` inputs with `result`, within the
-    /// server's message size.
-    pub fn reply(
+    /// server's message size. Large replies (up to megabytes of JSON) are encoded on a
+    /// blocking thread.
+    pub async fn reply(
         &self,
         encoding: Encoding,
         result: Result<InferReply, ErrorBody>,
         inputs: usize,
     ) -> Reply {
-        request::reply(encoding, result, inputs, self.nats.max_payload())
+        let max_payload = self.nats.max_payload();
+        if inputs <= ENCODE_INLINE_INPUTS {
+            return request::reply(encoding, result, inputs, max_payload);
+        }
+        tokio::task::spawn_blocking(move || request::reply(encoding, result, inputs, max_payload))
+            .await
+            .unwrap_or_else(|e| {
+                let error = ErrorBody::new(ErrorCode::Internal, format!("encoding the reply: {e}"));
+                request::error_reply(encoding, error)
+            })
     }
 
     /// Counts an answered request: by its outcome when the reply went out, as undeliverable
@@ -266,9 +287,9 @@ mod tests {
         assert_eq!(admission.try_admit(50).unwrap_err(), Shed::InFlightBytes);
         let b = admission.try_admit(40).unwrap();
         assert_eq!(admission.try_admit(1).unwrap_err(), Shed::InFlightRequests);
-        assert_eq!((admission.requests(), admission.bytes()), (2, 100));
+        assert_eq!(admission.held(), (2, 100));
         drop((a, b));
-        assert_eq!((admission.requests(), admission.bytes()), (0, 0));
+        assert_eq!(admission.held(), (0, 0));
         // Larger than the byte bound alone: taken when nothing else is in flight.
         let big = admission.try_admit(500).unwrap();
         assert_eq!(admission.try_admit(1).unwrap_err(), Shed::InFlightBytes);

@@ -288,12 +288,21 @@ pub(crate) fn reply(
 
 /// The error for a reply of `size` bytes over `max_payload`, with how many inputs fit.
 fn too_large_reply(size: usize, inputs: usize, max_payload: usize) -> ErrorBody {
+    if inputs <= 1 {
+        // Nothing to split: with the default limits this cannot happen (one input's largest
+        // reply is well under 1 MiB), but a server may run with a smaller max_payload.
+        return ErrorBody::new(
+            ErrorCode::TooLarge,
+            format!(
+                "the reply would be {size} bytes, over the server's max_payload of {max_payload}; \
+                 ask for less (a smaller top_k) or send CBOR, which is about half the size of JSON"
+            ),
+        );
+    }
     // Outputs of one request are alike in size; keep a tenth in reserve for the ones that
     // are larger than the average, and for the envelope.
-    let per_input = size.div_ceil(inputs.max(1));
-    let fit = ((max_payload * 9 / 10) / per_input.max(1))
-        .max(1)
-        .min(inputs.saturating_sub(1).max(1));
+    let per_input = size.div_ceil(inputs);
+    let fit = ((max_payload * 9 / 10) / per_input.max(1)).clamp(1, inputs - 1);
     let mut error = ErrorBody::new(
         ErrorCode::TooLarge,
         format!(
@@ -305,10 +314,18 @@ fn too_large_reply(size: usize, inputs: usize, max_payload: usize) -> ErrorBody 
     error
 }
 
+/// Longest error message in a reply body, and in its `Nats-Service-Error` header: a message
+/// may quote the request (a bad header value, a misspelt field), and the reply must stay
+/// small whatever the request held.
+const MAX_ERROR_MESSAGE: usize = 1024;
+const MAX_ERROR_HEADER: usize = 256;
+
 /// An error reply: the NATS micro headers and the body in the request's encoding.
-pub(crate) fn error_reply(encoding: Encoding, error: ErrorBody) -> Reply {
+pub(crate) fn error_reply(encoding: Encoding, mut error: ErrorBody) -> Reply {
+    error.message = clip(&error.message, MAX_ERROR_MESSAGE);
     let mut reply_headers = content_type(encoding);
-    reply_headers.insert(headers::SERVICE_ERROR, one_line(&error.message).as_str());
+    let header_text = clip(&one_line(&error.message), MAX_ERROR_HEADER);
+    reply_headers.insert(headers::SERVICE_ERROR, header_text.as_str());
     reply_headers.insert(headers::SERVICE_ERROR_CODE, error.code.to_string().as_str());
     let body = encode(encoding, &error).unwrap_or_else(|e| {
         // Our own types always encode; answer anyway rather than leave the requester waiting.
@@ -330,6 +347,18 @@ fn content_type(encoding: Encoding) -> HeaderMap {
 /// Header values are single lines.
 fn one_line(text: &str) -> String {
     text.replace(['\r', '\n'], " ")
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), marked with `…` if cut.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 #[cfg(test)]
@@ -406,6 +435,19 @@ mod tests {
             "{}",
             error.message
         );
+    }
+
+    #[test]
+    fn an_error_reply_stays_small_whatever_the_request_quoted() {
+        let mut bad = HeaderMap::new();
+        let huge = "9x".repeat(300_000);
+        bad.insert(headers::REQUEST_TIMEOUT_MS, huge.as_str());
+        let error = parse_json(Task::Embed, r#"{"inputs": ["x"]}"#, Some(&bad)).unwrap_err();
+        let reply = error_reply(Encoding::Json, error);
+        assert!(reply.body.len() < 1200, "{}", reply.body.len());
+        assert!(header_bytes(&reply.headers) < 400);
+        let body: ErrorBody = schemas::decode(Encoding::Json, &reply.body).unwrap();
+        assert!(body.message.ends_with('…'), "{}", body.message);
     }
 
     #[test]

@@ -151,8 +151,8 @@ pub struct BatcherStats {
     pub workers_alive: AtomicU64,
     /// The queue actor is running (false once it ended, or if it panicked).
     pub queue_alive: AtomicBool,
-    /// Recent compute time per input, in seconds (an f64's bits; a moving average over
-    /// batches), from which the queue estimates how long its backlog takes.
+    /// Recent compute time per input in large batches, in seconds (an f64's bits; a moving
+    /// average), from which the queue estimates how long its backlog takes.
     pub(crate) seconds_per_input: AtomicU64,
 }
 
@@ -180,8 +180,13 @@ impl Default for BatcherStats {
 }
 
 impl BatcherStats {
-    /// Folds one batch's compute time into the per-input moving average.
-    pub(crate) fn record_pace(&self, took: Duration, inputs: usize) {
+    /// Folds the time of a batch of `inputs` into the per-input moving average, if the
+    /// batch is large (at least half of `max_size`): the backlog is drained in full batches,
+    /// and a batch of one costs per input up to `max_size` times what a full one does.
+    pub(crate) fn record_pace(&self, took: Duration, inputs: usize, max_size: usize) {
+        if inputs.max(1) * 2 < max_size {
+            return;
+        }
         let sample = took.as_secs_f64() / inputs.max(1) as f64;
         let old = f64::from_bits(self.seconds_per_input.load(Ordering::Relaxed));
         let new = if old == 0.0 {
@@ -193,7 +198,8 @@ impl BatcherStats {
             .store(new.to_bits(), Ordering::Relaxed);
     }
 
-    /// The recent compute time per input (`None` before the first batch).
+    /// The recent compute time per input in large batches (`None` before the first one: the
+    /// queue has never been busy enough to form one, so it refuses nothing for its backlog).
     pub fn pace(&self) -> Option<Duration> {
         let seconds = f64::from_bits(self.seconds_per_input.load(Ordering::Relaxed));
         (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))

@@ -67,6 +67,15 @@ impl ServerUrls {
                     redact_one(raw).unwrap_or_else(|| "(unreadable)".into())
                 )
             })?;
+            if url.fragment().is_some()
+                || url.query().is_some()
+                || (raw.contains('@') && url.username().is_empty() && url.password().is_none())
+            {
+                return Err(format!(
+                    "server URL {:?} has `#`, `?` or `/` inside its user name or password: percent-encode them (`%23`, `%3F`, `%2F`)",
+                    redact_one(raw).unwrap_or_default()
+                ));
+            }
             let found = url_credentials(&url)?;
             if found.is_some() {
                 if credentials.is_some() && credentials != found {
@@ -90,11 +99,11 @@ impl ServerUrls {
 }
 
 fn url_credentials(url: &Url) -> Result<Option<UrlCredentials>, String> {
+    // Percent-decoding, as in any URL (not form decoding: a `+` stays a `+`).
     let decode = |text: &str| {
-        url::form_urlencoded::parse(format!("x={text}").as_bytes())
-            .next()
-            .map(|(_, value)| value.into_owned())
-            .unwrap_or_default()
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
     };
     let user = url.username();
     match (user.is_empty(), url.password()) {
@@ -108,28 +117,27 @@ fn url_credentials(url: &Url) -> Result<Option<UrlCredentials>, String> {
     }
 }
 
-/// One URL with its password or token replaced, or `None` if it does not parse.
+/// One URL with its password or token replaced. Works on the text, so that even a URL that
+/// does not parse (a `#` or `/` in a password that should have been percent-encoded) is
+/// shown without its secret: everything up to the last `@` is user information.
 fn redact_one(raw: &str) -> Option<String> {
-    // Work on the text, so that even a URL that does not parse is shown without its secret.
     let (scheme, rest) = match raw.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest),
         None => (None, raw),
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let redacted = match authority.rsplit_once('@') {
+    let redacted = match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             let userinfo = match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:{REDACTED}"),
-                None => REDACTED.to_string(),
+                Some((user, _)) if !user.contains(['/', '?', '#']) => format!("{user}:{REDACTED}"),
+                _ => REDACTED.to_string(),
             };
             format!("{userinfo}@{host}")
         }
-        None => authority.to_string(),
+        None => rest.to_string(),
     };
     Some(match scheme {
-        Some(scheme) => format!("{scheme}://{redacted}{path}"),
-        None => format!("{redacted}{path}"),
+        Some(scheme) => format!("{scheme}://{redacted}"),
+        None => redacted,
     })
 }
 
@@ -148,13 +156,13 @@ mod tests {
 
     #[test]
     fn user_password_and_token_are_taken_out_of_the_urls() {
-        let parsed = ServerUrls::parse("nats://alice:s%40cret@a:4222, b:4223").unwrap();
+        let parsed = ServerUrls::parse("nats://alice:s%40cret+x@a:4222, b:4223").unwrap();
         assert_eq!(parsed.urls, ["nats://a:4222", "nats://b:4223"]);
         assert_eq!(
             parsed.credentials,
             Some(UrlCredentials::UserPassword {
                 user: "alice".into(),
-                password: "s@cret".into()
+                password: "s@cret+x".into()
             })
         );
         let parsed = ServerUrls::parse("tls://T0KEN@host:4222").unwrap();
@@ -175,6 +183,21 @@ mod tests {
         );
         let error = ServerUrls::parse("nats://u:PASS@[bad:1").unwrap_err();
         assert!(!error.contains("PASS"), "{error}");
+        // Characters that should have been percent-encoded end the authority early.
+        for raw in [
+            "nats://u:pa#SS@h:1",
+            "nats://u:pa/SS@h:1",
+            "nats://TOK#EN@h:1",
+        ] {
+            let shown = redact_server_urls(raw);
+            assert!(
+                !shown.contains("SS") && !shown.contains("EN"),
+                "{raw} -> {shown}"
+            );
+            if let Err(error) = ServerUrls::parse(raw) {
+                assert!(!error.contains("SS") && !error.contains("EN"), "{error}");
+            }
+        }
         let parsed = ServerUrls::parse("nats://u:PASS@a:1").unwrap();
         assert!(!format!("{parsed:?}").contains("PASS"));
         assert_eq!(

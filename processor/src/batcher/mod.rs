@@ -156,10 +156,11 @@ impl Batcher {
                                 .map(|t| (!model.supports(t)).then(|| model.unsupported_reason(t))),
                             preparer: model.preparer(),
                         };
-                        let _ = loaded_tx.send(Ok(info));
-                        // Counted while this thread serves, however it ends.
+                        // Counted while this thread serves, however it ends (from before
+                        // `start` returns).
                         let _alive = worker::Alive::new(&stats);
-                        work(model, ready_tx, &stats);
+                        let _ = loaded_tx.send(Ok(info));
+                        work(model, ready_tx, &stats, policy.max_size);
                     }
                     Err(err) => {
                         let _ = loaded_tx.send(Err(err));
@@ -340,6 +341,11 @@ impl Batcher {
         self.policy
             .refuse_for_backlog(&self.stats, queued, self.workers, deadline, Instant::now())
             .map(|refused| (Busy::Backlog, refused))
+    }
+
+    /// Why the model does not serve `task`, if it does not.
+    pub fn unsupported(&self, task: Task) -> Option<&str> {
+        self.unsupported[task_index(task)].as_deref()
     }
 
     /// The text of the model's mask token, if it serves `fill_mask` with one.

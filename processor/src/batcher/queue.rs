@@ -16,6 +16,10 @@ use super::Refused;
 use super::{task_index, BatchPolicy, BatcherStats};
 use crate::model::InputError;
 
+/// How often the whole queue is swept for inputs that need no computing any more (the
+/// head is swept before every batch).
+const FULL_PURGE_EVERY: Duration = Duration::from_millis(50);
+
 /// Marks the actor stopped in the statistics when dropped, also if it panics.
 struct Running<'a>(&'a BatcherStats);
 
@@ -47,8 +51,16 @@ impl Queue {
         let _running = Running(&stats);
         let mut accepting = true;
         let mut workers_alive = true;
+        let mut purged = Instant::now();
         loop {
-            self.dispatch(Instant::now(), !accepting);
+            let now = Instant::now();
+            if now.duration_since(purged) >= FULL_PURGE_EVERY {
+                // The published depth is what transports refuse work on: keep it free of
+                // inputs that expired or whose request was answered, deep in the queue too.
+                self.purge(now, usize::MAX);
+                purged = now;
+            }
+            self.dispatch(now, !accepting);
             if !workers_alive && self.idle.is_empty() {
                 // Every worker is gone: nothing queued can be computed any more.
                 self.fail_all("every model worker has stopped");

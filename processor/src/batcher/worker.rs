@@ -80,6 +80,7 @@ pub(super) fn work<M: BatchModel>(
     mut model: M,
     ready: mpsc::Sender<oneshot::Sender<Batch>>,
     stats: &BatcherStats,
+    max_size: usize,
 ) {
     loop {
         let asked = std::time::Instant::now();
@@ -124,7 +125,8 @@ pub(super) fn work<M: BatchModel>(
         drop(inputs);
         let took = started.elapsed();
         stats.compute.observe(took);
-        stats.record_pace(if saturated { took + handed_over } else { took }, size);
+        let cost = if saturated { took + handed_over } else { took };
+        stats.record_pace(cost, size, max_size);
         if tracing::enabled!(tracing::Level::DEBUG) {
             let mut request_ids: Vec<&str> = batch
                 .items

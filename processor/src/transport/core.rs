@@ -128,7 +128,18 @@ async fn take(route: Route, request: Request, pipeline: &Arc<Pipeline>, requests
             return send(&request, None, reply, pipeline).await;
         }
     };
-    match pipeline.admit(message.payload.len(), message.headers.as_ref(), received) {
+    if message.reply.is_none() {
+        // Nobody to answer: computing it would be wasted.
+        tracing::warn!(subject = %message.subject, "a request without a reply subject: dropped");
+        pipeline.record(Some(task), None, false);
+        return;
+    }
+    match pipeline.admit(
+        task,
+        message.payload.len(),
+        message.headers.as_ref(),
+        received,
+    ) {
         Ok(ticket) => {
             let span = request::span(message);
             let pipeline = pipeline.clone();
@@ -159,7 +170,7 @@ async fn handle(
             received,
         )
         .await;
-    let reply = pipeline.reply(encoding, result, inputs);
+    let reply = pipeline.reply(encoding, result, inputs).await;
     send(&request, Some(task), reply, &pipeline).await;
     drop(ticket);
 }

@@ -206,6 +206,8 @@ impl Intake {
             Ok(info) => (info.delivered.max(1) as u32, age_of(info.published)),
             Err(_) => (1, Duration::ZERO),
         };
+        // Held until the reply is published and the message settled.
+        let mut ticket = None;
         let (result, inputs) = if delivered > self.settings.max_deliver {
             let error = ErrorBody::new(
                 ErrorCode::ModelFailed,
@@ -216,17 +218,26 @@ impl Intake {
             );
             (Err(error), 0)
         } else {
-            // Deadline budgets count from when the stream received the request.
-            let received = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-            let admitted =
-                pipeline.admit(message.payload.len(), message.headers.as_ref(), received);
-            match (&task, admitted) {
-                (Err(unknown), _) => (Err(unknown.clone()), 0),
-                // Refused for now: transient, so nak'ed below for another processor.
-                (Ok(_), Err(overloaded)) => (Err(overloaded), 0),
-                (Ok(task), Ok(_ticket)) => {
-                    self.compute(*task, &message, encoding, received, pipeline)
-                        .await
+            match &task {
+                Err(unknown) => (Err(unknown.clone()), 0),
+                Ok(task) => {
+                    // Deadline budgets count from when the stream received the request.
+                    let received = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                    let admitted = pipeline.admit(
+                        *task,
+                        message.payload.len(),
+                        message.headers.as_ref(),
+                        received,
+                    );
+                    match admitted {
+                        // Refused for now (overloaded: transient, so nak'ed below).
+                        Err(refused) => (Err(refused), 0),
+                        Ok(admitted) => {
+                            ticket = Some(admitted);
+                            self.compute(*task, &message, encoding, received, pipeline)
+                                .await
+                        }
+                    }
                 }
             }
         };
@@ -245,7 +256,7 @@ impl Intake {
             headers: reply_headers,
             body,
             error,
-        } = pipeline.reply(encoding, result, inputs);
+        } = pipeline.reply(encoding, result, inputs).await;
         match inbox {
             Some(inbox) => {
                 if let Err(err) = client
@@ -276,6 +287,7 @@ impl Intake {
         if let Err(err) = message.ack_with(ack).await {
             tracing::warn!(%err, "acking an answered request");
         }
+        drop(ticket);
     }
 
     /// The task a message's subject names.
