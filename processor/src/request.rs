@@ -78,7 +78,7 @@ pub(crate) fn parse(
 ) -> Result<Parsed, ErrorBody> {
     let request: InferRequest =
         decode(encoding, payload).map_err(|e| malformed(encoding, payload, e))?;
-    let deadline = deadline(message_headers, &request, received)?;
+    let deadline = deadline(message_headers, request.timeout_ms, received)?;
     check(task, &request, limits)?;
     Ok(Parsed {
         inputs: request.inputs,
@@ -180,8 +180,7 @@ pub(crate) fn header_deadline(
     message_headers: Option<&HeaderMap>,
     received: Instant,
 ) -> Option<Instant> {
-    let empty = InferRequest::new(Vec::<String>::new());
-    deadline(message_headers, &empty, received).ok().flatten()
+    deadline(message_headers, None, received).ok().flatten()
 }
 
 /// When the request stops being worth computing: the earliest of its `Request-Timeout-Ms`
@@ -189,7 +188,7 @@ pub(crate) fn header_deadline(
 /// `Request-Deadline-Ms` header (an absolute Unix time).
 fn deadline(
     message_headers: Option<&HeaderMap>,
-    request: &InferRequest,
+    timeout_ms: Option<u64>,
     received: Instant,
 ) -> Result<Option<Instant>, ErrorBody> {
     let number = |name: &str| -> Result<Option<u64>, ErrorBody> {
@@ -210,7 +209,7 @@ fn deadline(
     let mut earliest = |candidate: Instant| {
         deadline = Some(deadline.map_or(candidate, |d| d.min(candidate)));
     };
-    for ms in [number(headers::REQUEST_TIMEOUT_MS)?, request.timeout_ms]
+    for ms in [number(headers::REQUEST_TIMEOUT_MS)?, timeout_ms]
         .into_iter()
         .flatten()
     {

@@ -329,14 +329,7 @@ impl Batcher {
     pub fn refuses_now(&self, deadline: Option<Instant>) -> Option<(Busy, Refused)> {
         let queued = self.stats.queued.load(Ordering::Relaxed);
         if queued as usize >= self.policy.queue_capacity {
-            let refused = Refused::new(
-                ErrorCode::Overloaded,
-                format!(
-                    "queue full ({queued} of {} inputs waiting); retry later or on another processor",
-                    self.policy.queue_capacity
-                ),
-            );
-            return Some((Busy::Full, refused));
+            return Some((Busy::Full, self.policy.queue_full(queued as usize)));
         }
         self.policy
             .refuse_for_backlog(&self.stats, queued, self.workers, deadline, Instant::now())

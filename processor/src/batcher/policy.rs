@@ -51,6 +51,17 @@ impl BatchPolicy {
         }
     }
 
+    /// The refusal of a request when `queued` inputs already fill the queue.
+    pub(super) fn queue_full(&self, queued: usize) -> Refused {
+        Refused::new(
+            ErrorCode::Overloaded,
+            format!(
+                "queue full ({queued} of {} inputs waiting); retry later or on another processor",
+                self.queue_capacity
+            ),
+        )
+    }
+
     /// Whether a request arriving `now` with `deadline` is refused because the work queued
     /// ahead of it (`queued` inputs for `workers`, at the recent pace) would take longer than
     /// `max_queue_wait`, or than what is left of its deadline minus one batch of its own.

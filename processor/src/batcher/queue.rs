@@ -12,7 +12,6 @@ use tokio::time::Instant;
 
 use super::job::{expired_error, Batch, Item, Job};
 use super::select::{take_grouped, take_in_order};
-use super::Refused;
 use super::{task_index, BatchPolicy, BatcherStats};
 use crate::model::InputError;
 
@@ -95,13 +94,7 @@ impl Queue {
         }
         if self.queued_inputs + n > self.policy.queue_capacity {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            job.refuse(Refused::new(
-                ErrorCode::Overloaded,
-                format!(
-                    "queue full ({} of {} inputs waiting); retry later or on another processor",
-                    self.queued_inputs, self.policy.queue_capacity
-                ),
-            ));
+            job.refuse(self.policy.queue_full(self.queued_inputs));
             return;
         }
         let refused = self.policy.refuse_for_backlog(

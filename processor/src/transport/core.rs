@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use async_nats::service::{endpoint::Endpoint, Request, Service};
 use futures::StreamExt;
-use schemas::Task;
+use schemas::{Encoding, Task};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -143,7 +143,9 @@ async fn take(route: Route, request: Request, pipeline: &Arc<Pipeline>, requests
         Ok(ticket) => {
             let span = request::span(message);
             let pipeline = pipeline.clone();
-            requests.spawn(handle(task, request, pipeline, ticket, received).instrument(span));
+            requests.spawn(
+                handle(task, encoding, request, pipeline, ticket, received).instrument(span),
+            );
         }
         Err(overloaded) => {
             let reply = request::error_reply(encoding, overloaded);
@@ -154,13 +156,13 @@ async fn take(route: Route, request: Request, pipeline: &Arc<Pipeline>, requests
 
 async fn handle(
     task: Task,
+    encoding: Encoding,
     request: Request,
     pipeline: Arc<Pipeline>,
     ticket: Ticket,
     received: Instant,
 ) {
     let message = &request.message;
-    let encoding = request::encoding_of(message.headers.as_ref(), &message.payload);
     let (result, inputs) = pipeline
         .compute(
             task,
