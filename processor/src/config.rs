@@ -297,8 +297,9 @@ pub enum Transport {
     Jetstream,
 }
 
-/// `[jetstream]`: the stream and consumer, created at start if missing (an existing one is
-/// used as it is).
+/// `[jetstream]`: the stream and consumer, created at start if missing; an existing one whose
+/// settings differ is updated to these (or refused with an error naming the setting that
+/// JetStream cannot change).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JetStreamConfig {
@@ -306,13 +307,22 @@ pub struct JetStreamConfig {
     pub stream: String,
     /// Durable pull consumer shared by every processor.
     pub consumer: String,
-    /// A message not acked within this long is redelivered (long batches send progress acks).
+    /// A message not acked within this long is redelivered: how soon the requests held by a
+    /// processor that died go to another one. Processors send a progress ack every quarter of
+    /// it for each message they hold, so a long batch is never redelivered. Keep it well below
+    /// the producers' timeout (10 s by default).
     pub ack_wait_ms: u64,
-    /// Deliveries of one message before it gets an error reply and is terminated.
+    /// Deliveries of one message before it gets an error reply and is terminated. Only failed
+    /// batches and processors dying count; a busy processor never takes a message it has no
+    /// room for, and never gives one back.
     pub max_deliver: u32,
+    /// Messages delivered and not yet acked, across all processors (the consumer's
+    /// `max_ack_pending`). Each processor holds at most `batch.max_size * (workers + 1)`.
+    pub max_ack_pending: i64,
     /// Redelivery delay after a failed batch.
     pub nak_delay_ms: u64,
-    /// Stream limits: most messages, bytes and age held (new requests are refused beyond).
+    /// Stream limits: most messages, bytes and age held. A full stream refuses new requests at
+    /// publish time (discard policy `new`); the producer reports that as `overloaded`.
     pub max_messages: i64,
     /// See `max_messages`.
     pub max_bytes: i64,
@@ -329,8 +339,9 @@ impl Default for JetStreamConfig {
         JetStreamConfig {
             stream: "BERT_REQUESTS".to_string(),
             consumer: "bert-processors".to_string(),
-            ack_wait_ms: 30_000,
+            ack_wait_ms: 4_000,
             max_deliver: 3,
+            max_ack_pending: 20_000,
             nak_delay_ms: 1_000,
             max_messages: 1_000_000,
             max_bytes: 1 << 30,
@@ -744,8 +755,13 @@ impl Config {
                 format!("{listen:?} is not host:port (e.g. 0.0.0.0:9464), or empty for none"),
             ));
         }
-        if js.ack_wait_ms < 100 {
-            return Err(invalid("jetstream.ack_wait_ms", "must be at least 100"));
+        if js.ack_wait_ms < 1_000 {
+            // Progress acks go out every quarter of it: shorter leaves no margin for a busy
+            // runtime, and held requests would be computed twice.
+            return Err(invalid("jetstream.ack_wait_ms", "must be at least 1000"));
+        }
+        if js.max_ack_pending < 1 {
+            return Err(invalid("jetstream.max_ack_pending", "must be at least 1"));
         }
         if js.max_deliver == 0 {
             return Err(invalid("jetstream.max_deliver", "must be at least 1"));

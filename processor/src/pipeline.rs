@@ -21,6 +21,15 @@ const DECODE_INLINE_BYTES: usize = 16 * 1024;
 /// Replies to requests of up to this many inputs are encoded on the async runtime's thread.
 const ENCODE_INLINE_INPUTS: usize = 16;
 
+/// Why [`Pipeline::place`] found no place for a request.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    /// Set when the refusal is for now only (overloaded): why.
+    pub shed: Option<Shed>,
+    /// The error to answer with if the request is not kept.
+    pub error: ErrorBody,
+}
+
 /// Request counters shown in `$SRV.STATS` next to the scheduler's.
 #[derive(Debug, Default)]
 pub(crate) struct ReplyStats {
@@ -119,10 +128,15 @@ impl Pipeline {
         }
     }
 
+    /// The processor's main NATS connection.
+    pub fn connection(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
     /// Before anything else is done with a message: a place for it, or the error to answer it
     /// with at once, nothing decoded: `unsupported_task`, `timeout` (its header deadline had
     /// passed on arrival), or `overloaded` when the queue refuses work now or the in-flight
-    /// bounds are reached.
+    /// bounds are reached (counted as shed).
     pub fn admit(
         &self,
         task: Task,
@@ -130,17 +144,37 @@ impl Pipeline {
         message_headers: Option<&HeaderMap>,
         received: Instant,
     ) -> Result<Ticket, ErrorBody> {
+        self.place(task, payload_bytes, message_headers, received)
+            .map_err(|refusal| {
+                if let Some(reason) = refusal.shed {
+                    self.telemetry.count_shed(reason);
+                    self.stats.shed.fetch_add(1, Ordering::Relaxed);
+                }
+                refusal.error
+            })
+    }
+
+    /// [`Pipeline::admit`] without counting a refusal: for a caller that waits for room
+    /// (the JetStream transport keeps the message, it does not shed it).
+    pub fn place(
+        &self,
+        task: Task,
+        payload_bytes: usize,
+        message_headers: Option<&HeaderMap>,
+        received: Instant,
+    ) -> Result<Ticket, Refusal> {
+        let fin = |error| Refusal { shed: None, error };
         // What is known without decoding and final comes first: no retry would help.
         if let Some(reason) = self.batcher.unsupported(task) {
-            return Err(ErrorBody::new(ErrorCode::UnsupportedTask, reason));
+            return Err(fin(ErrorBody::new(ErrorCode::UnsupportedTask, reason)));
         }
         let deadline = request::header_deadline(message_headers, received);
-        if deadline.is_some_and(|deadline| deadline <= received) {
+        if deadline.is_some_and(|deadline| deadline <= Instant::now()) {
             self.batcher.stats().expired.fetch_add(1, Ordering::Relaxed);
-            return Err(ErrorBody::new(
+            return Err(fin(ErrorBody::new(
                 ErrorCode::Timeout,
-                "the request's deadline had passed when it arrived; it was not computed",
-            ));
+                "the request's deadline passed before it could be computed; it was not computed",
+            )));
         }
         let refusal = match self.batcher.refuses_now(deadline) {
             Some((busy, refused)) => {
@@ -163,10 +197,9 @@ impl Pipeline {
                 (shed, message)
             }),
         };
-        refusal.map_err(|(reason, message)| {
-            self.telemetry.count_shed(reason);
-            self.stats.shed.fetch_add(1, Ordering::Relaxed);
-            ErrorBody::new(ErrorCode::Overloaded, message)
+        refusal.map_err(|(reason, message)| Refusal {
+            shed: Some(reason),
+            error: ErrorBody::new(ErrorCode::Overloaded, message),
         })
     }
 

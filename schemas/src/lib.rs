@@ -41,6 +41,9 @@ pub mod headers {
     /// On requests sent through the JetStream transport: a unique id per request, so that a
     /// retried publish is stored once (JetStream de-duplication).
     pub const MESSAGE_ID: &str = "Nats-Msg-Id";
+    /// On replies through the JetStream transport: how many times the stream delivered the
+    /// request (above 1, an earlier delivery may have been answered too: a duplicate).
+    pub const DELIVERY_COUNT: &str = "Delivery-Count";
 }
 
 /// Media types for [`headers::CONTENT_TYPE`].

@@ -1,30 +1,34 @@
 //! The durable transport: requests wait in a JetStream work-queue stream and every processor
 //! pulls from one shared durable consumer, so a request held by a processor that dies is
-//! redelivered to another one.
+//! redelivered to another one after `ack_wait`.
 //!
-//! A processor pulls one batch at a time and takes messages only while it has room for them
-//! (its workers' batches plus one batch waiting), so free processors take the work. The requester's inbox travels in the
-//! `Reply-Inbox` header (JetStream uses the message's own reply subject for acks); the reply
-//! goes there first, then the message is acked. Failed batches are nak'ed with a delay, and a
-//! message delivered more than `max_deliver` times gets an error reply and is terminated.
+//! A processor asks the server for exactly as many messages as it has room for (its workers'
+//! batches plus one batch waiting), so it never holds a delivered message it cannot start on,
+//! and free processors take the work. A message waiting for a place in the queue stays ours
+//! (progress acks), it is not given back: redeliveries are spent only on failures. The
+//! requester's inbox travels in the `Reply-Inbox` header (JetStream uses the message's own reply
+//! subject for acks); the reply goes there first, then the message is acked. Failed batches are
+//! nak'ed with a delay, and a message delivered more than `max_deliver` times gets an error
+//! reply and is terminated.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use anyhow::{bail, Context as _};
+use async_nats::jetstream::consumer::{self, pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::message::AckKind;
-use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::Message;
 use futures::StreamExt;
 use schemas::{headers, Encoding, ErrorBody, ErrorCode, InferReply, Task};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{Config, JetStreamConfig};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Refusal, Ticket};
 use crate::request::{self, Reply};
 
 /// The consumer a processor pulls from, and how it treats messages.
@@ -32,21 +36,27 @@ pub(crate) struct Intake {
     consumer: PullConsumer,
     settings: JetStreamConfig,
     prefix: String,
-    /// Messages taken at most (being computed or queued): room for every worker's batch plus
+    /// Messages held at most (being computed or queued): room for every worker's batch plus
     /// one more batch, so the next batch is ready when a worker frees up.
     capacity: usize,
-    /// Messages one pull asks for: one batch.
+    /// Messages one pull asks for at most: one batch.
     pull_size: usize,
 }
 
-/// How long one pull request stays open at the server. Messages arriving meanwhile are
-/// delivered at once, so this costs no latency; it only bounds how long a lost pull goes
-/// unnoticed (heartbeats are a quarter of it).
-const PULL_EXPIRY: Duration = Duration::from_secs(20);
+/// How long one pull stays open at the server. Messages arriving meanwhile are delivered at
+/// once, so this costs no latency; it bounds how long a pull lost with a server restart goes
+/// unnoticed, and how long shutdown waits for the pull under way.
+const PULL_EXPIRY: Duration = Duration::from_secs(2);
+
+/// How long past its expiry a pull is waited for before it is given up as lost.
+const PULL_LOST_AFTER: Duration = Duration::from_millis(500);
+
+/// How often a message that found no place in the queue asks again.
+const PLACE_RETRY: Duration = Duration::from_millis(50);
 
 impl Intake {
-    /// Creates the stream and the durable consumer if they do not exist yet (idempotent:
-    /// every processor does this at start, and existing ones are used as they are).
+    /// Creates the stream and the durable consumer, or brings existing ones to the configured
+    /// settings (every processor does this at start; it is idempotent).
     pub(crate) async fn start(
         client: &async_nats::Client,
         config: &Config,
@@ -54,35 +64,8 @@ impl Intake {
         let settings = config.jetstream.clone();
         let prefix = config.service.subject_prefix.clone();
         let context = async_nats::jetstream::new(client.clone());
-        let stream = context
-            .get_or_create_stream(stream::Config {
-                name: settings.stream.clone(),
-                subjects: vec![format!("{prefix}.>")],
-                retention: RetentionPolicy::WorkQueue,
-                storage: StorageType::File,
-                max_messages: settings.max_messages,
-                max_bytes: settings.max_bytes,
-                max_age: Duration::from_secs(settings.max_age_s),
-                duplicate_window: Duration::from_secs(settings.duplicate_window_s),
-                num_replicas: settings.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("stream {}: {e}", settings.stream))?;
-        let consumer: PullConsumer = stream
-            .get_or_create_consumer(
-                &settings.consumer,
-                pull::Config {
-                    durable_name: Some(settings.consumer.clone()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: settings.ack_wait(),
-                    // One delivery more than allowed: the extra one only answers with an error.
-                    max_deliver: i64::from(settings.max_deliver) + 1,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("consumer {}: {e}", settings.consumer))?;
+        let stream = ensure_stream(&context, &settings, &prefix).await?;
+        let consumer = ensure_consumer(&stream, &settings).await?;
         let workers = config.model.workers();
         Ok(Intake {
             consumer,
@@ -93,8 +76,9 @@ impl Intake {
         })
     }
 
-    /// Pulls and answers messages until `stop`; then answers what the pulls under way still
-    /// deliver and returns. The request tasks it spawned are tracked by `requests`.
+    /// Pulls and answers messages until `stop`; then answers what the pull under way still
+    /// delivers (it ends within [`PULL_EXPIRY`]) and returns. The request tasks it spawned are
+    /// tracked by `requests`.
     pub(crate) async fn serve(
         self,
         client: async_nats::Client,
@@ -104,96 +88,89 @@ impl Intake {
     ) {
         let this = Arc::new(self);
         let room = Arc::new(Semaphore::new(this.capacity));
-        'pulling: while !stop.is_cancelled() {
-            // Pulls of one batch at a time, kept outstanding by async-nats (with heartbeats, so
-            // a lost pull or a server restart is noticed and the pull re-issued).
-            let messages = this
+        while let Some(places) = this.reserve(&room, &stop).await {
+            let wanted = places.num_permits();
+            let pull = this
                 .consumer
-                .stream()
-                .max_messages_per_batch(this.pull_size)
+                .batch()
+                .max_messages(wanted)
                 .expires(PULL_EXPIRY)
-                .heartbeat(PULL_EXPIRY / 4)
                 .messages()
                 .await;
-            let mut messages = match messages {
-                Ok(messages) => messages,
+            match pull {
+                // Messages delivered after `stop` are ours too: they are answered like the rest.
+                Ok(pull) => this.take(pull, places, &client, &pipeline, &requests).await,
                 Err(err) => {
+                    drop(places);
                     tracing::warn!(%err, "pulling from the JetStream consumer; retrying in 1 s");
                     tokio::select! {
-                        _ = stop.cancelled() => break 'pulling,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pulling,
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
-                }
-            };
-            loop {
-                // Take a message only when there is room for it: what a processor holds stays
-                // bounded by what its workers can compute next, and the rest of the stream
-                // stays with the server for the other processors.
-                let permit = tokio::select! {
-                    _ = stop.cancelled() => break 'pulling,
-                    permit = room.clone().acquire_owned() => permit.expect("never closed"),
-                };
-                let message = tokio::select! {
-                    _ = stop.cancelled() => {
-                        drop(permit);
-                        this.finish_pull(&mut messages, &client, &pipeline, &requests).await;
-                        break 'pulling;
-                    }
-                    message = messages.next() => message,
-                };
-                match message {
-                    Some(Ok(message)) => {
-                        let (this, client, pipeline) =
-                            (this.clone(), client.clone(), pipeline.clone());
-                        let span = request::span(&message);
-                        requests.spawn(
-                            async move {
-                                this.handle(message, &client, &pipeline).await;
-                                drop(permit);
-                            }
-                            .instrument(span),
-                        );
-                    }
-                    Some(Err(err)) => {
-                        tracing::warn!(%err, "receiving from the JetStream consumer");
-                        if matches!(
-                            err.kind(),
-                            pull::MessagesErrorKind::ConsumerDeleted
-                                | pull::MessagesErrorKind::PushBasedConsumer
-                                | pull::MessagesErrorKind::RequestLimitExceeded
-                        ) {
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            continue 'pulling;
-                        }
-                    }
-                    None => continue 'pulling,
                 }
             }
         }
         tracing::info!("stopped pulling from the JetStream consumer");
     }
 
-    /// At shutdown: answers the messages the pulls under way still deliver (they are ours
-    /// until acked), up to two pulls' worth, until a short pause; any later ones are
-    /// redelivered to another processor after `ack_wait`.
-    async fn finish_pull(
+    /// Places for the next pull: waits for one, then takes every free one up to a batch.
+    /// `None` once `stop` is cancelled.
+    async fn reserve(
+        &self,
+        room: &Arc<Semaphore>,
+        stop: &CancellationToken,
+    ) -> Option<OwnedSemaphorePermit> {
+        let mut places = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return None,
+            place = room.clone().acquire_owned() => place.expect("never closed"),
+        };
+        let more = room.available_permits().min(self.pull_size - 1);
+        if more > 0 {
+            if let Ok(extra) = room.clone().try_acquire_many_owned(more as u32) {
+                places.merge(extra);
+            }
+        }
+        Some(places)
+    }
+
+    /// Hands every message of one pull to a request task of its own, each with one of the
+    /// places reserved for the pull; the places not used are freed when the pull ends.
+    async fn take(
         self: &Arc<Self>,
-        messages: &mut pull::Stream,
+        mut pull: pull::Batch,
+        mut places: OwnedSemaphorePermit,
         client: &async_nats::Client,
         pipeline: &Arc<Pipeline>,
         requests: &TaskTracker,
     ) {
-        for _ in 0..2 * self.pull_size {
-            let Ok(Some(Ok(message))) =
-                tokio::time::timeout(Duration::from_millis(50), messages.next()).await
-            else {
-                break;
+        // The server ends the pull at its expiry; one that outlives it was lost with the
+        // connection and is not waited for (async-nats alone would wait 5 s more).
+        let lost_at = Instant::now() + PULL_EXPIRY + PULL_LOST_AFTER;
+        while places.num_permits() > 0 {
+            let message = tokio::select! {
+                _ = tokio::time::sleep_until(lost_at) => break,
+                message = pull.next() => message,
             };
-            let (this, client, pipeline) = (self.clone(), client.clone(), pipeline.clone());
-            let span = request::span(&message);
-            requests.spawn(
-                async move { this.handle(message, &client, &pipeline).await }.instrument(span),
-            );
+            match message {
+                Some(Ok(message)) => {
+                    let place = places.split(1).expect("a place per message asked for");
+                    let (this, client, pipeline) = (self.clone(), client.clone(), pipeline.clone());
+                    let span = request::span(&message);
+                    requests.spawn(
+                        async move {
+                            this.handle(message, &client, &pipeline).await;
+                            drop(place);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(%err, "receiving from the JetStream consumer");
+                    break;
+                }
+                None => break,
+            }
         }
     }
 
@@ -206,9 +183,10 @@ impl Intake {
             Ok(info) => (info.delivered.max(1) as u32, age_of(info.published)),
             Err(_) => (1, Duration::ZERO),
         };
-        // Held until the reply is published and the message settled.
-        let mut ticket = None;
-        let (result, inputs) = if delivered > self.settings.max_deliver {
+        // Deadline budgets count from when the stream received the request.
+        let received = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        // The ticket is held until the reply is published and the message settled.
+        let (result, inputs, ticket) = if delivered > self.settings.max_deliver {
             let error = ErrorBody::new(
                 ErrorCode::ModelFailed,
                 format!(
@@ -216,34 +194,19 @@ impl Intake {
                     delivered - 1
                 ),
             );
-            (Err(error), 0)
+            (Err(error), 0, None)
         } else {
-            match &task {
-                Err(unknown) => (Err(unknown.clone()), 0),
+            match task {
+                Err(ref unknown) => (Err(unknown.clone()), 0, None),
                 Ok(task) => {
-                    // Deadline budgets count from when the stream received the request.
-                    let received = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-                    let admitted = pipeline.admit(
-                        *task,
-                        message.payload.len(),
-                        message.headers.as_ref(),
-                        received,
-                    );
-                    match admitted {
-                        // Refused for now (overloaded: transient, so nak'ed below).
-                        Err(refused) => (Err(refused), 0),
-                        Ok(admitted) => {
-                            ticket = Some(admitted);
-                            self.compute(*task, &message, encoding, received, pipeline)
-                                .await
-                        }
-                    }
+                    self.compute(task, &message, encoding, received, pipeline)
+                        .await
                 }
             }
         };
 
         let retry =
-            matches!(&result, Err(e) if is_transient(e)) && delivered < self.settings.max_deliver;
+            matches!(&result, Err(e) if is_failure(e)) && delivered < self.settings.max_deliver;
         if retry {
             let delay = Duration::from_millis(self.settings.nak_delay_ms);
             if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
@@ -253,10 +216,13 @@ impl Intake {
         }
         let failed = result.is_err();
         let Reply {
-            headers: reply_headers,
+            headers: mut reply_headers,
             body,
             error,
         } = pipeline.reply(encoding, result, inputs).await;
+        if delivered > 1 {
+            reply_headers.insert(headers::DELIVERY_COUNT, delivered.to_string().as_str());
+        }
         match inbox {
             Some(inbox) => {
                 if let Err(err) = client
@@ -300,7 +266,9 @@ impl Intake {
         name.parse().map_err(|_| request::unknown_task(name))
     }
 
-    /// Runs the request, telling the server it is still in progress every half `ack_wait`.
+    /// Runs the request once it has a place in the queue (waiting for one while this processor
+    /// is busy: the message is not given back), telling the server every quarter `ack_wait`
+    /// that it is still in progress.
     async fn compute(
         &self,
         task: Task,
@@ -308,16 +276,35 @@ impl Intake {
         encoding: Encoding,
         received: Instant,
         pipeline: &Pipeline,
-    ) -> (Result<InferReply, ErrorBody>, usize) {
-        let work = pipeline.compute(
-            task,
-            encoding,
-            &message.payload,
-            message.headers.as_ref(),
-            received,
-        );
+    ) -> (Result<InferReply, ErrorBody>, usize, Option<Ticket>) {
+        let payload = &message.payload;
+        let message_headers = message.headers.as_ref();
+        let work = async {
+            loop {
+                let ticket = match pipeline.place(task, payload.len(), message_headers, received) {
+                    Ok(ticket) => ticket,
+                    // Busy for now; a deadline that passes meanwhile ends the wait (`timeout`).
+                    Err(Refusal { shed: Some(_), .. }) => {
+                        tokio::time::sleep(PLACE_RETRY).await;
+                        continue;
+                    }
+                    Err(Refusal { error, .. }) => return (Err(error), 0, None),
+                };
+                let (result, inputs) = pipeline
+                    .compute(task, encoding, payload, message_headers, received)
+                    .await;
+                match result {
+                    // The queue turned it away after all (it filled meanwhile): wait again.
+                    Err(error) if error.kind == ErrorCode::Overloaded => {
+                        drop(ticket);
+                        tokio::time::sleep(PLACE_RETRY).await;
+                    }
+                    result => return (result, inputs, Some(ticket)),
+                }
+            }
+        };
         tokio::pin!(work);
-        let mut progress = tokio::time::interval(self.settings.ack_wait() / 2);
+        let mut progress = tokio::time::interval(self.settings.ack_wait() / 4);
         progress.tick().await; // the first tick is immediate
         loop {
             tokio::select! {
@@ -332,13 +319,203 @@ impl Intake {
     }
 }
 
-/// Errors worth another delivery (maybe on another processor): the batch failed or this
-/// processor could not take it. Everything else is the request's own fault and final.
-fn is_transient(error: &ErrorBody) -> bool {
-    matches!(
-        error.kind,
-        ErrorCode::ModelFailed | ErrorCode::Internal | ErrorCode::Overloaded
-    )
+/// The work-queue stream as configured: created if missing; an existing one is updated where
+/// its settings differ, or refused where JetStream cannot change them.
+async fn ensure_stream(
+    context: &async_nats::jetstream::Context,
+    settings: &JetStreamConfig,
+    prefix: &str,
+) -> anyhow::Result<stream::Stream> {
+    let name = &settings.stream;
+    let wanted = stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{prefix}.>")],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        // A full stream refuses the publish (the producer sees it), rather than dropping
+        // the oldest requests unanswered.
+        discard: DiscardPolicy::New,
+        max_messages: settings.max_messages,
+        max_bytes: settings.max_bytes,
+        max_age: Duration::from_secs(settings.max_age_s),
+        duplicate_window: Duration::from_secs(settings.duplicate_window_s),
+        num_replicas: settings.replicas,
+        ..Default::default()
+    };
+    let mut stream = context
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {name}: {e}"))?;
+    let current = stream
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {name}: {e}"))?
+        .config
+        .clone();
+    let recreate = |setting: &str, found: String| {
+        anyhow::anyhow!(
+            "stream {name} exists with {setting} {found}, which JetStream cannot change; this \
+             processor needs a {:?} {:?} stream: remove it (`nats stream rm {name}`, losing \
+             the requests it holds) or set jetstream.stream to another name",
+            wanted.retention,
+            wanted.storage,
+        )
+    };
+    if current.retention != wanted.retention {
+        return Err(recreate("retention", format!("{:?}", current.retention)));
+    }
+    if current.storage != wanted.storage {
+        return Err(recreate("storage", format!("{:?}", current.storage)));
+    }
+    let mut changed = Vec::new();
+    let mut compare = |setting: &str, found: String, want: String| {
+        if found != want {
+            changed.push(format!("{setting} {found} -> {want}"));
+        }
+    };
+    compare(
+        "subjects",
+        format!("{:?}", current.subjects),
+        format!("{:?}", wanted.subjects),
+    );
+    compare(
+        "discard",
+        format!("{:?}", current.discard),
+        format!("{:?}", wanted.discard),
+    );
+    compare(
+        "max_messages",
+        current.max_messages.to_string(),
+        wanted.max_messages.to_string(),
+    );
+    compare(
+        "max_bytes",
+        current.max_bytes.to_string(),
+        wanted.max_bytes.to_string(),
+    );
+    compare(
+        "max_age_s",
+        current.max_age.as_secs().to_string(),
+        wanted.max_age.as_secs().to_string(),
+    );
+    compare(
+        "duplicate_window_s",
+        current.duplicate_window.as_secs().to_string(),
+        wanted.duplicate_window.as_secs().to_string(),
+    );
+    compare(
+        "replicas",
+        current.num_replicas.to_string(),
+        wanted.num_replicas.to_string(),
+    );
+    if !changed.is_empty() {
+        let changed = changed.join(", ");
+        // Everything else the operator set on the stream is kept.
+        let updated = stream::Config {
+            subjects: wanted.subjects,
+            discard: wanted.discard,
+            max_messages: wanted.max_messages,
+            max_bytes: wanted.max_bytes,
+            max_age: wanted.max_age,
+            duplicate_window: wanted.duplicate_window,
+            num_replicas: wanted.num_replicas,
+            ..current
+        };
+        context
+            .update_stream(&updated)
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {name}: changing {changed}: {e}"))?;
+        tracing::info!(stream = %name, %changed, "updated the stream to the configuration");
+    }
+    Ok(stream)
+}
+
+/// The durable pull consumer as configured: created if missing; an existing one is updated
+/// where its settings differ, or refused where JetStream cannot change them.
+async fn ensure_consumer(
+    stream: &stream::Stream,
+    settings: &JetStreamConfig,
+) -> anyhow::Result<PullConsumer> {
+    let name = &settings.consumer;
+    let wanted = pull::Config {
+        durable_name: Some(name.clone()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: settings.ack_wait(),
+        // One delivery more than allowed: the extra one only answers with an error.
+        max_deliver: i64::from(settings.max_deliver) + 1,
+        max_ack_pending: settings.max_ack_pending,
+        ..Default::default()
+    };
+    let existing: consumer::Consumer<consumer::Config> = match stream.get_consumer(name).await {
+        Ok(existing) => existing,
+        Err(_) => {
+            return stream
+                .get_or_create_consumer(name, wanted)
+                .await
+                .map_err(|e| anyhow::anyhow!("consumer {name}: {e}"));
+        }
+    };
+    let current = &existing.cached_info().config;
+    if current.deliver_subject.is_some() {
+        bail!(
+            "consumer {name} on stream {} is a push consumer; this processor needs a pull \
+             consumer: remove it (`nats consumer rm {} {name}`) or set jetstream.consumer to \
+             another name",
+            settings.stream,
+            settings.stream
+        );
+    }
+    if current.ack_policy != wanted.ack_policy {
+        bail!(
+            "consumer {name} exists with ack policy {:?}, which JetStream cannot change; this \
+             processor needs {:?}: remove it (`nats consumer rm {} {name}`) or set \
+             jetstream.consumer to another name",
+            current.ack_policy,
+            wanted.ack_policy,
+            settings.stream
+        );
+    }
+    let mut changed = Vec::new();
+    if current.ack_wait != wanted.ack_wait {
+        changed.push(format!(
+            "ack_wait_ms {} -> {}",
+            current.ack_wait.as_millis(),
+            wanted.ack_wait.as_millis()
+        ));
+    }
+    if current.max_deliver != wanted.max_deliver {
+        // Shown as configured: the consumer holds one delivery more (see above).
+        changed.push(format!(
+            "max_deliver {} -> {}",
+            current.max_deliver - 1,
+            settings.max_deliver
+        ));
+    }
+    if current.max_ack_pending != wanted.max_ack_pending {
+        changed.push(format!(
+            "max_ack_pending {} -> {}",
+            current.max_ack_pending, wanted.max_ack_pending
+        ));
+    }
+    if !changed.is_empty() {
+        let changed = changed.join(", ");
+        // Creating a durable that exists with other settings updates it, where allowed.
+        stream
+            .create_consumer(wanted)
+            .await
+            .with_context(|| format!("consumer {name}: changing {changed}"))?;
+        tracing::info!(consumer = %name, %changed, "updated the consumer to the configuration");
+    }
+    stream
+        .get_consumer(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer {name}: {e}"))
+}
+
+/// Errors worth another delivery, maybe on another processor: the batch failed. Everything
+/// else is final: the request's own fault, or its deadline.
+fn is_failure(error: &ErrorBody) -> bool {
+    matches!(error.kind, ErrorCode::ModelFailed | ErrorCode::Internal)
 }
 
 /// How long ago the server stored a message (zero if its clock is ahead of ours).
