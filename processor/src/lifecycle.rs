@@ -26,7 +26,8 @@ use crate::transport::{self, Intake};
 /// A started processor: model loaded, endpoints subscribed. Call [`Processor::run_until`].
 pub struct Processor {
     client: async_nats::Client,
-    service: Service,
+    /// The service registration, when the intake does not own it (JetStream).
+    service: Option<Service>,
     intake: Intake,
     pipeline: Arc<Pipeline>,
     workers: Workers,
@@ -68,23 +69,7 @@ impl Processor {
         telemetry.model_warmed_up();
 
         let shown_url = config.nats.redacted_url();
-        let (options, urls) = config.nats.connect_options(&config.service.name).await?;
-        let events = telemetry.clone();
-        let client = options
-            .subscription_capacity(config.service.subscription_capacity)
-            .event_callback(move |event| {
-                let events = events.clone();
-                async move {
-                    match event {
-                        // async-nats dropped a message: its subscription's buffer was full.
-                        async_nats::Event::SlowConsumer(_) => events.count_dropped("slow_consumer"),
-                        other => tracing::info!(event = %other, "NATS connection"),
-                    }
-                }
-            })
-            .connect(urls.as_str())
-            .await
-            .with_context(|| format!("connecting to NATS at {shown_url}"))?;
+        let client = connect(&config, &config.service.name, &telemetry).await?;
 
         let limits = Limits::new(&config.service, batcher.mask_token());
         let admission = Admission::new(
@@ -98,17 +83,31 @@ impl Processor {
             telemetry.clone(),
             client.clone(),
         ));
-        let service = register(&client, &config, &pipeline).await?;
         let prefix = &config.service.subject_prefix;
-        let intake = match config.service.transport {
+        let (intake, service) = match config.service.transport {
             Transport::Core => {
-                Intake::Core(transport::core::Intake::start(&service, &config.service).await?)
-            }
-            Transport::Jetstream => Intake::JetStream(Box::new(
-                transport::jetstream::Intake::start(&client, &config)
+                // The endpoints get a connection of their own: at shutdown it is drained (the
+                // messages already on their way are still delivered) and closed, while replies
+                // go on over the main one.
+                let name = format!("{}-intake", config.service.name);
+                let intake_client = connect(&config, &name, &telemetry).await?;
+                let service = register(&intake_client, &config, &pipeline).await?;
+                let intake =
+                    transport::core::Intake::start(service, intake_client.clone(), &config.service)
+                        .await?;
+                intake_client
+                    .flush()
                     .await
-                    .context("setting up the JetStream stream and consumer")?,
-            )),
+                    .context("flushing subscriptions to NATS")?;
+                (Intake::Core(Box::new(intake)), None)
+            }
+            Transport::Jetstream => {
+                let service = register(&client, &config, &pipeline).await?;
+                let intake = transport::jetstream::Intake::start(&client, &config)
+                    .await
+                    .context("setting up the JetStream stream and consumer")?;
+                (Intake::JetStream(Box::new(intake)), Some(service))
+            }
         };
         client
             .flush()
@@ -198,10 +197,12 @@ impl Processor {
             tracing::warn!("NATS is unreachable: replies not yet sent to it are lost");
         } else {
             let stopped = tokio::time::timeout_at(deadline, async {
-                self.service
-                    .stop()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("stopping the NATS service: {e}"))?;
+                if let Some(service) = self.service {
+                    service
+                        .stop()
+                        .await
+                        .map_err(|e| anyhow::anyhow!("stopping the NATS service: {e}"))?;
+                }
                 self.client.flush().await.context("flushing replies")
             })
             .await;
@@ -228,6 +229,31 @@ impl Processor {
         );
         Ok(())
     }
+}
+
+/// Connects to NATS as configured, counting the messages async-nats drops (a subscription's
+/// buffer was full) and logging connection events.
+async fn connect(
+    config: &Config,
+    name: &str,
+    telemetry: &Arc<Telemetry>,
+) -> anyhow::Result<async_nats::Client> {
+    let (options, urls) = config.nats.connect_options(name).await?;
+    let events = telemetry.clone();
+    options
+        .subscription_capacity(config.service.subscription_capacity)
+        .event_callback(move |event| {
+            let events = events.clone();
+            async move {
+                match event {
+                    async_nats::Event::SlowConsumer(_) => events.count_dropped("slow_consumer"),
+                    other => tracing::info!(event = %other, "NATS connection"),
+                }
+            }
+        })
+        .connect(urls.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", config.nats.redacted_url()))
 }
 
 /// Registers the NATS micro service (discovery and `$SRV.STATS`).

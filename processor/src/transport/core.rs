@@ -4,12 +4,17 @@
 //! Each endpoint's loop only admits: a message over the in-flight bounds is answered
 //! `overloaded` right there (nothing decoded), the others get a small task of their own, so
 //! the loop keeps draining its subscription however slow the model is.
+//!
+//! The endpoints live on a connection of their own. At shutdown that connection is drained:
+//! the server stops routing requests here, the ones it had already sent still arrive and are
+//! answered, and then it closes; replies from then on go over the processor's main connection.
 
 use std::sync::Arc;
 
 use async_nats::service::{endpoint::Endpoint, Request, Service};
 use futures::StreamExt;
 use schemas::{Encoding, Task};
+use tokio::sync::RwLock;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,11 +36,25 @@ pub(crate) enum Route {
 /// The endpoints of one processor.
 pub(crate) struct Intake {
     endpoints: Vec<(Route, Endpoint)>,
+    /// The registration the endpoints belong to (on `connection`).
+    _service: Service,
+    /// The connection the endpoints subscribe on, drained at shutdown.
+    connection: async_nats::Client,
 }
 
+/// Whether replies still go over the intake connection: set to false, under the write lock,
+/// just before that connection is drained, so no reply is handed to it after the drain began
+/// (it closes once drained, and would lose it).
+type ReplyRoute = Arc<RwLock<bool>>;
+
 impl Intake {
-    /// One endpoint per task in the queue group, plus the unknown-task catch-all.
-    pub(crate) async fn start(service: &Service, config: &ServiceConfig) -> anyhow::Result<Self> {
+    /// One endpoint per task in the queue group, plus the unknown-task catch-all, on the
+    /// connection `service` was registered on.
+    pub(crate) async fn start(
+        service: Service,
+        connection: async_nats::Client,
+        config: &ServiceConfig,
+    ) -> anyhow::Result<Self> {
         let prefix = &config.subject_prefix;
         let mut endpoints = Vec::new();
         for task in Task::ALL {
@@ -59,17 +78,23 @@ impl Intake {
                 .map_err(|e| anyhow::anyhow!("adding the unknown-task endpoint: {e}"))?;
             endpoints.push((Route::UnknownTask, endpoint));
         }
-        Ok(Intake { endpoints })
+        Ok(Intake {
+            endpoints,
+            _service: service,
+            connection,
+        })
     }
 
-    /// Serves every endpoint until `stop`; then unsubscribes, and answers what was already
-    /// delivered. Request tasks are tracked by `requests`.
+    /// Serves every endpoint until `stop`; then drains the intake connection and answers
+    /// every request the server had sent before it stopped routing here. Request tasks are
+    /// tracked by `requests`.
     pub(crate) async fn serve(
         self,
         pipeline: Arc<Pipeline>,
         requests: TaskTracker,
         stop: CancellationToken,
     ) {
+        let route_replies: ReplyRoute = Arc::new(RwLock::new(true));
         let mut loops = tokio::task::JoinSet::new();
         for (route, endpoint) in self.endpoints {
             loops.spawn(serve_endpoint(
@@ -77,9 +102,24 @@ impl Intake {
                 endpoint,
                 pipeline.clone(),
                 requests.clone(),
-                stop.clone(),
+                route_replies.clone(),
             ));
         }
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            // Every endpoint ended by itself: the connection was closed.
+            _ = async { while loops.join_next().await.is_some() {} } => return,
+        }
+        *route_replies.write().await = false;
+        if self.connection.connection_state() != async_nats::connection::State::Connected {
+            // Nothing more can arrive, and a drain would wait for the server to come back.
+            loops.abort_all();
+        } else if let Err(err) = self.connection.drain().await {
+            tracing::warn!(%err, "draining the intake connection");
+            loops.abort_all();
+        }
+        // Drained: the server stopped routing here, and what it had sent before is delivered;
+        // then the connection closes and each endpoint's stream ends after its last message.
         while loops.join_next().await.is_some() {}
     }
 }
@@ -89,31 +129,21 @@ async fn serve_endpoint(
     mut endpoint: Endpoint,
     pipeline: Arc<Pipeline>,
     requests: TaskTracker,
-    stop: CancellationToken,
+    route_replies: ReplyRoute,
 ) {
-    let mut stopping = false;
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled(), if !stopping => {
-                stopping = true;
-                // Unsubscribing ends the stream after the messages already delivered to us,
-                // which are still answered below.
-                if let Err(err) = endpoint.stop().await {
-                    tracing::warn!(%err, "unsubscribing an endpoint");
-                    break;
-                }
-            }
-            request = endpoint.next() => match request {
-                Some(request) => take(route, request, &pipeline, &requests).await,
-                None => break,
-            },
-        }
+    while let Some(request) = endpoint.next().await {
+        take(route, request, &pipeline, &requests, &route_replies).await;
     }
 }
 
 /// Admits one message, or answers it at once.
-async fn take(route: Route, request: Request, pipeline: &Arc<Pipeline>, requests: &TaskTracker) {
+async fn take(
+    route: Route,
+    request: Request,
+    pipeline: &Arc<Pipeline>,
+    requests: &TaskTracker,
+    route_replies: &ReplyRoute,
+) {
     let received = Instant::now();
     let message = &request.message;
     let encoding = request::encoding_of(message.headers.as_ref(), &message.payload);
@@ -125,7 +155,7 @@ async fn take(route: Route, request: Request, pipeline: &Arc<Pipeline>, requests
                 return; // its own endpoint answers it
             }
             let reply = request::error_reply(encoding, request::unknown_task(name));
-            return send(&request, None, reply, pipeline).await;
+            return send(&request, None, reply, pipeline, route_replies).await;
         }
     };
     if message.reply.is_none() {
@@ -142,14 +172,23 @@ async fn take(route: Route, request: Request, pipeline: &Arc<Pipeline>, requests
     ) {
         Ok(ticket) => {
             let span = request::span(message);
-            let pipeline = pipeline.clone();
+            let (pipeline, route_replies) = (pipeline.clone(), route_replies.clone());
             requests.spawn(
-                handle(task, encoding, request, pipeline, ticket, received).instrument(span),
+                handle(
+                    task,
+                    encoding,
+                    request,
+                    pipeline,
+                    ticket,
+                    received,
+                    route_replies,
+                )
+                .instrument(span),
             );
         }
         Err(overloaded) => {
             let reply = request::error_reply(encoding, overloaded);
-            send(&request, Some(task), reply, pipeline).await;
+            send(&request, Some(task), reply, pipeline, route_replies).await;
         }
     }
 }
@@ -161,6 +200,7 @@ async fn handle(
     pipeline: Arc<Pipeline>,
     ticket: Ticket,
     received: Instant,
+    route_replies: ReplyRoute,
 ) {
     let message = &request.message;
     let (result, inputs) = pipeline
@@ -173,20 +213,44 @@ async fn handle(
         )
         .await;
     let reply = pipeline.reply(encoding, result, inputs).await;
-    send(&request, Some(task), reply, &pipeline).await;
+    send(&request, Some(task), reply, &pipeline, &route_replies).await;
     drop(ticket);
 }
 
-async fn send(request: &Request, task: Option<Task>, reply: Reply, pipeline: &Pipeline) {
+async fn send(
+    request: &Request,
+    task: Option<Task>,
+    reply: Reply,
+    pipeline: &Pipeline,
+    route_replies: &ReplyRoute,
+) {
     let Reply {
         headers,
         body,
         error,
     } = reply;
-    let published = match request.respond_with_headers(Ok(body), headers).await {
+    let route = route_replies.read().await;
+    let sent = if *route {
+        // Through the endpoint, which counts it in the service's `$SRV.STATS`.
+        request
+            .respond_with_headers(Ok(body), headers)
+            .await
+            .map_err(|e| e.to_string())
+    } else {
+        match request.message.reply.clone() {
+            Some(inbox) => pipeline
+                .connection()
+                .publish_with_headers(inbox, headers, body)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("the request has no reply subject".to_string()),
+        }
+    };
+    drop(route);
+    let published = match sent {
         Ok(()) => true,
         Err(err) => {
-            tracing::warn!(%err, subject = %request.message.subject, "could not send a reply (no reply inbox?)");
+            tracing::warn!(%err, subject = %request.message.subject, "could not send a reply");
             false
         }
     };

@@ -15,7 +15,7 @@ use crate::pipeline::Pipeline;
 /// The intake a processor was configured with.
 pub(crate) enum Intake {
     /// Service endpoints in the queue group.
-    Core(core::Intake),
+    Core(Box<core::Intake>),
     /// The durable pull consumer of the work-queue stream.
     JetStream(Box<jetstream::Intake>),
 }
