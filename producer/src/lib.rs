@@ -33,11 +33,12 @@ pub struct ClientOptions {
     pub transport: Transport,
     /// Subject prefix of the service (`bert` unless the deployment chose another).
     pub prefix: String,
-    /// How long one attempt waits for its reply. With JetStream, how long to wait for the
-    /// reply once the stream has stored the request (it is not sent again).
+    /// How long one attempt waits for its reply (with JetStream: from the publish; storing
+    /// it in the stream is retried within that time).
     pub timeout: Duration,
-    /// Attempts after the first one, for retryable failures (with JetStream: publishing
-    /// attempts; a retried publish carries the same `Nats-Msg-Id` and is stored once).
+    /// Attempts after the first one, for retryable failures: no reply in time, no processor,
+    /// overloaded. With JetStream each attempt is a new message (new `Nats-Msg-Id`) on the
+    /// same inbox, and the first answer to any of them is taken.
     pub retries: u32,
     /// Base of the exponential backoff between attempts (full jitter, capped at 2 s).
     pub backoff: Duration,
@@ -306,8 +307,11 @@ impl Client {
         parse_reply(&message)
     }
 
-    /// Publishes the request into the stream (retrying the publish, de-duplicated by its
-    /// message id) and waits for the reply on a fresh inbox.
+    /// Publishes the request into the stream and waits for the reply on a fresh inbox. An
+    /// attempt whose reply does not come within the timeout (the processor holding it died
+    /// after replying into a dead connection, the server restarted...) is followed by another
+    /// one with a new message id, so the stream's de-duplication does not swallow it; the
+    /// answer of whichever attempt arrives first is kept (they share the inbox).
     async fn request_durable(
         &self,
         subject: &str,
@@ -319,19 +323,71 @@ impl Client {
             .subscribe(inbox.clone())
             .await
             .map_err(|e| Error::Transport(e.to_string()))?;
-        let message_id = inbox.rsplit('.').next().unwrap_or(&inbox).to_string();
+        let request_id = inbox.rsplit('.').next().unwrap_or(&inbox).to_string();
         let mut request_headers = HeaderMap::new();
         request_headers.insert(headers::CONTENT_TYPE, self.options.encoding.media_type());
         request_headers.insert(headers::REPLY_INBOX, inbox.as_str());
-        request_headers.insert(headers::MESSAGE_ID, message_id.as_str());
         let budget_ms = self.options.timeout.as_millis().max(1).to_string();
         request_headers.insert(headers::REQUEST_TIMEOUT_MS, budget_ms.as_str());
 
-        let jetstream = async_nats::jetstream::new(self.nats.clone());
         let attempts = self.options.retries + 1;
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let until = tokio::time::Instant::now() + self.options.timeout;
+            let mut attempt_headers = request_headers.clone();
+            let message_id = format!("{request_id}.{attempt}");
+            attempt_headers.insert(headers::MESSAGE_ID, message_id.as_str());
+            let error = match self
+                .store(subject, attempt_headers, payload.clone(), until)
+                .await
+            {
+                Err(error) => error,
+                Ok(()) => match tokio::time::timeout_at(until, replies.next()).await {
+                    Ok(Some(message)) => match parse_reply(&message) {
+                        Attempt::Done(result) => return result,
+                        Attempt::Retry(error) => error,
+                    },
+                    Ok(None) => {
+                        return Err(Error::Transport("the reply subscription closed".into()))
+                    }
+                    Err(_) => Error::TimedOut {
+                        subject: subject.to_string(),
+                        timeout: self.options.timeout,
+                        attempts: attempt,
+                    },
+                },
+            };
+            if attempt >= attempts {
+                return Err(error);
+            }
+            // A reply to an earlier attempt that comes meanwhile is still taken.
+            let pause = tokio::time::sleep(self.backoff(attempt));
+            tokio::pin!(pause);
+            tokio::select! {
+                _ = &mut pause => {}
+                Some(message) = replies.next() => {
+                    if let Attempt::Done(result) = parse_reply(&message) {
+                        return result;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes one attempt into the stream until the stream confirms it stored it, retrying
+    /// (same message id: stored once) until `until`. A full stream refuses it as `overloaded`.
+    async fn store(
+        &self,
+        subject: &str,
+        request_headers: HeaderMap,
+        payload: bytes::Bytes,
+        until: tokio::time::Instant,
+    ) -> Result<(), Error> {
+        let jetstream = async_nats::jetstream::new(self.nats.clone());
+        let mut tries = 0;
+        loop {
+            tries += 1;
             let stored = match jetstream
                 .publish_with_headers(
                     subject.to_string(),
@@ -340,35 +396,29 @@ impl Client {
                 )
                 .await
             {
-                Ok(ack) => tokio::time::timeout(self.options.timeout, ack)
-                    .await
-                    .map_err(|_| "no acknowledgement from the stream".to_string())
-                    .and_then(|ack| ack.map_err(|e| e.to_string())),
+                Ok(ack) => match tokio::time::timeout_at(until, ack).await {
+                    Ok(acked) => acked.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(_) => Err("no acknowledgement from the stream".to_string()),
+                },
                 Err(e) => Err(e.to_string()),
             };
-            match stored {
-                Ok(_) => break,
-                Err(_) if attempt < attempts => {
-                    tokio::time::sleep(self.backoff(attempt)).await;
-                }
-                Err(message) => {
-                    return Err(Error::Transport(format!(
-                        "publishing to the stream on {subject} ({attempt} attempts): {message}"
-                    )))
-                }
+            let message = match stored {
+                Ok(()) => return Ok(()),
+                Err(message) => message,
+            };
+            if stream_is_full(&message) {
+                return Err(Error::Service(ErrorBody::new(
+                    ErrorCode::Overloaded,
+                    format!("the request stream is full ({message}); retry later"),
+                )));
             }
-        }
-        match tokio::time::timeout(self.options.timeout, replies.next()).await {
-            Ok(Some(message)) => match parse_reply(&message) {
-                Attempt::Done(result) => result,
-                Attempt::Retry(error) => Err(error),
-            },
-            Ok(None) => Err(Error::Transport("the reply subscription closed".into())),
-            Err(_) => Err(Error::TimedOut {
-                subject: subject.to_string(),
-                timeout: self.options.timeout,
-                attempts: 1,
-            }),
+            let pause = self.backoff(tries);
+            if tokio::time::Instant::now() + pause >= until {
+                return Err(Error::Transport(format!(
+                    "publishing to the stream on {subject} ({tries} tries): {message}"
+                )));
+            }
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -382,6 +432,18 @@ impl Client {
             .min(cap);
         ceiling.mul_f64(fastrand::f64())
     }
+}
+
+/// Whether JetStream refused a publish because the stream is at one of its limits (its
+/// discard policy is `new`).
+fn stream_is_full(message: &str) -> bool {
+    [
+        "maximum messages exceeded",
+        "maximum bytes exceeded",
+        "maximum messages per subject exceeded",
+    ]
+    .iter()
+    .any(|limit| message.contains(limit))
 }
 
 /// A reply message as the request's result: the decoded reply, or the error it carries

@@ -79,7 +79,7 @@ async fn cli_prints_one_json_object_per_input_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_reads_stdin_and_reports_service_errors_on_stderr() {
+async fn cli_reads_stdin_and_prints_service_errors_as_lines() {
     let server = NatsServer::start();
     let processor = start_processor(&server.url(), |c| c.service.max_input_bytes = 10).await;
     let url = server.url();
@@ -99,7 +99,14 @@ async fn cli_reads_stdin_and_reports_service_errors_on_stderr() {
             .unwrap();
         let ok = child.wait_with_output().unwrap();
         let refused = producer(&url)
-            .args(["embed", "far longer than ten bytes"])
+            .args([
+                "--chunk",
+                "1",
+                "embed",
+                "short",
+                "far longer than ten bytes",
+                "tiny",
+            ])
             .output()
             .unwrap();
         (ok, refused)
@@ -118,13 +125,29 @@ async fn cli_reads_stdin_and_reports_service_errors_on_stderr() {
         .collect();
     assert_eq!(inputs, [r#""a [MASK]""#, r#""b [MASK]""#]);
 
+    // A refused input still gets its line, with the service's error, in its place among the
+    // others; the exit status says that something failed.
     assert!(!refused.status.success());
-    assert!(refused.stdout.is_empty());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        stderr.contains("413") && stderr.contains("max_input_bytes"),
-        "{stderr}"
+    let lines: Vec<serde_json::Value> = String::from_utf8(refused.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(
+        lines[0],
+        serde_json::json!({"input": "short", "text": "short"})
     );
+    assert_eq!(
+        lines[2],
+        serde_json::json!({"input": "tiny", "text": "tiny"})
+    );
+    assert_eq!(lines[1]["input"], "far longer than ten bytes");
+    assert_eq!(lines[1]["error"]["code"], 413);
+    let message = lines[1]["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_input_bytes"), "{message}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("1 of 3 inputs failed"), "{stderr}");
     processor.shutdown().await.unwrap();
 }
 

@@ -1,11 +1,12 @@
-//! `producer`: send texts to the service and print one JSON object per input, in input order.
+//! `producer`: send texts to the service and print one JSON object per input, in input order:
+//! its result, or its error (the exit status is then 1).
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use futures::{stream, StreamExt, TryStreamExt};
+use futures::{stream, StreamExt};
 use producer::{Client, ClientOptions, Transport};
 use schemas::{InferOptions, InferRequest, Output, Task};
 
@@ -136,7 +137,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let inputs = read_inputs(inputs)?;
     let client = Client::connect_with(&cli.server, options).await?;
 
-    // Requests go out concurrently; `buffered` yields their replies in input order.
+    // Requests go out concurrently; `buffered` yields their replies in input order, and each
+    // chunk's lines are printed as soon as it and every chunk before it are answered.
     let requests = inputs.chunks(chunk).map(|texts| {
         let client = client.clone();
         let request = InferRequest {
@@ -144,16 +146,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             options: request_options,
             timeout_ms: None,
         };
-        async move { client.request(task, &request).await }
+        async move { (texts, client.request(task, &request).await) }
     });
-    let replies: Vec<_> = stream::iter(requests).buffered(16).try_collect().await?;
-
+    let mut replies = stream::iter(requests).buffered(16);
     let mut stdout = std::io::stdout().lock();
-    let outputs = replies.into_iter().flat_map(|reply| reply.outputs);
-    for (input, output) in inputs.iter().zip(outputs) {
-        writeln!(stdout, "{}", line(input, &output)?)?;
+    let mut failed = 0;
+    while let Some((texts, reply)) = replies.next().await {
+        match reply {
+            Ok(reply) if reply.outputs.len() == texts.len() => {
+                for (input, output) in texts.iter().zip(&reply.outputs) {
+                    writeln!(stdout, "{}", line(input, output)?)?;
+                }
+            }
+            Ok(reply) => {
+                let error = producer::Error::BadReply(format!(
+                    "{} outputs for {} inputs",
+                    reply.outputs.len(),
+                    texts.len()
+                ));
+                failed += texts.len();
+                for input in texts {
+                    writeln!(stdout, "{}", error_line(input, &error))?;
+                }
+            }
+            Err(error) => {
+                failed += texts.len();
+                for input in texts {
+                    writeln!(stdout, "{}", error_line(input, &error))?;
+                }
+            }
+        }
     }
+    stdout.flush()?;
+    anyhow::ensure!(failed == 0, "{failed} of {} inputs failed", inputs.len());
     Ok(())
+}
+
+/// `{"input": ..., "error": {"code": ..., "kind": ..., "message": ...}}`: the service's error
+/// body, or code 0 and kind `client` for a failure on this side (no reply, no connection).
+fn error_line(input: &str, error: &producer::Error) -> String {
+    let error = match error.service_error() {
+        Some(body) => serde_json::json!({
+            "code": body.code,
+            "kind": body.kind,
+            "message": body.message,
+        }),
+        None => serde_json::json!({
+            "code": 0,
+            "kind": "client",
+            "message": error.to_string(),
+        }),
+    };
+    serde_json::json!({ "input": input, "error": error }).to_string()
 }
 
 /// `-` anywhere in the inputs stands for the lines of stdin.
