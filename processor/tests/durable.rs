@@ -1,17 +1,22 @@
-//! Processors as real child processes, killed and stopped under load: the JetStream transport
-//! loses nothing when a processor dies, both transports drain on SIGTERM, and core NATS
-//! processors survive a nats-server restart.
+//! Processors as real child processes, killed and stopped under load, with every reliability
+//! setting (ack_wait, producer timeout and retries) at its default: the JetStream transport
+//! answers every request through a SIGKILL of a processor and of nats-server, both transports
+//! drain on SIGTERM, a full stream refuses at publish time, and a busy processor never takes
+//! (or gives back) more than it has room for.
 
+use std::collections::HashMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use producer::{Client, ClientOptions, Transport};
-use schemas::{InferRequest, Output, Task};
+use schemas::{headers, InferRequest, Output, Task};
 use testkit::{ChildProcess, NatsServer};
 
-/// Starts a `processor` binary serving the `sim` model on `url`.
+/// Starts a `processor` binary serving the `sim` model on `url` (about 1,200 one-input
+/// requests/s); every reliability setting is left at its default.
 fn processor(url: &str, transport: &str, extra: &[(&str, &str)]) -> ChildProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_processor"));
     command
@@ -22,111 +27,137 @@ fn processor(url: &str, transport: &str, extra: &[(&str, &str)]) -> ChildProcess
         .env("PROCESSOR_MODEL__KIND", "sim")
         .env("PROCESSOR_MODEL__BATCH_MS", "20")
         .env("PROCESSOR_MODEL__ITEM_MS", "0.2")
-        .env("PROCESSOR_BATCH__MAX_SIZE", "32")
-        .env("PROCESSOR_JETSTREAM__ACK_WAIT_MS", "1500")
-        .env("PROCESSOR_JETSTREAM__NAK_DELAY_MS", "100");
+        .env("PROCESSOR_BATCH__MAX_SIZE", "32");
     for (key, value) in extra {
         command.env(key, value);
     }
     ChildProcess::spawn(command, "processor ready", Duration::from_secs(30))
 }
 
+/// A producer client with every option at its default but the transport.
 async fn client(url: &str, transport: Transport) -> Client {
     let options = ClientOptions {
         transport,
-        timeout: Duration::from_secs(20),
-        retries: 5,
-        backoff: Duration::from_millis(100),
         ..ClientOptions::default()
     };
     Client::connect_with(url, options).await.unwrap()
 }
 
-/// Sends `n` one-input requests at once; counts replies as they come, checks each is its own.
-async fn send_all(
+/// One request's outcome: how long it took, or why it failed.
+type Outcome = Result<Duration, String>;
+
+/// Sends `n` one-input requests, `per_second` of them a second (open loop), each on its own
+/// task; counts answers as they come and checks each is its own.
+fn open_loop(
     client: &Client,
     n: usize,
+    per_second: u64,
     answered: Arc<AtomicUsize>,
-) -> Vec<Result<(), String>> {
-    let requests = (0..n).map(|i| {
-        let client = client.clone();
-        let answered = answered.clone();
-        tokio::spawn(async move {
-            let text = format!("request {i}");
-            let reply = client
-                .request(Task::Embed, &InferRequest::new([text.clone()]))
-                .await
-                .map_err(|e| format!("request {i}: {e}"))?;
-            answered.fetch_add(1, Ordering::Relaxed);
-            if reply.outputs != [Output::Text { text }] {
-                return Err(format!("request {i} got {:?}", reply.outputs));
-            }
-            Ok(())
-        })
-    });
-    let mut results = Vec::with_capacity(n);
-    for request in requests.collect::<Vec<_>>() {
-        results.push(request.await.unwrap());
-    }
-    results
-}
-
-/// Closed-loop load: `lanes` senders, each sending one request after another until `stop`.
-fn keep_sending(
-    client: &Client,
-    lanes: usize,
-    answered: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<Result<(), String>>> {
+) -> tokio::task::JoinHandle<Vec<Outcome>> {
     let client = client.clone();
     tokio::spawn(async move {
-        let lanes = (0..lanes).map(|lane| {
-            let (client, answered, stop) = (client.clone(), answered.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut results = Vec::new();
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let text = format!("lane {lane} request {i}");
-                    i += 1;
-                    let result = client
-                        .request(Task::Embed, &InferRequest::new([text.clone()]))
-                        .await
-                        .map_err(|e| format!("{text}: {e}"))
-                        .and_then(|reply| {
-                            if reply.outputs == [Output::Text { text: text.clone() }] {
-                                Ok(())
-                            } else {
-                                Err(format!("{text} got {:?}", reply.outputs))
-                            }
-                        });
-                    answered.fetch_add(1, Ordering::Relaxed);
-                    results.push(result);
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+        let mut requests = Vec::with_capacity(n);
+        for i in 0..n {
+            tick.tick().await;
+            let (client, answered) = (client.clone(), answered.clone());
+            requests.push(tokio::spawn(async move {
+                let text = format!("request {i}");
+                let sent = Instant::now();
+                let reply = client
+                    .request(Task::Embed, &InferRequest::new([text.clone()]))
+                    .await
+                    .map_err(|e| format!("request {i}: {e}"))?;
+                answered.fetch_add(1, Ordering::Relaxed);
+                if reply.outputs != [Output::Text { text }] {
+                    return Err(format!("request {i} got {:?}", reply.outputs));
                 }
-                results
-            })
-        });
-        let mut results = Vec::new();
-        for lane in lanes.collect::<Vec<_>>() {
-            results.extend(lane.await.unwrap());
+                Ok(sent.elapsed())
+            }));
         }
-        results
+        let mut outcomes = Vec::with_capacity(n);
+        for request in requests {
+            outcomes.push(request.await.unwrap());
+        }
+        outcomes
     })
 }
 
-fn assert_all_ok(results: &[Result<(), String>]) {
-    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed, first: {:?}",
-        failed.len(),
-        results.len(),
-        failed.first()
-    );
+/// Every reply that reaches a producer's per-request inbox (`_INBOX.<id>`; PubAcks go to
+/// `_INBOX.<id>.<n>`), seen from a connection of its own: replies beyond one per inbox are
+/// duplicates. (While nats-server is down nothing is seen, so this is a lower bound.)
+struct ReplyCounter {
+    by_inbox: Arc<Mutex<HashMap<String, usize>>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-/// Waits until `answered` reaches `at_least` (load is flowing through both processors).
+impl ReplyCounter {
+    async fn start(url: &str) -> ReplyCounter {
+        let options = async_nats::ConnectOptions::new().retry_on_initial_connect();
+        let nats = options.connect(url).await.unwrap();
+        let mut replies = nats.subscribe("_INBOX.*").await.unwrap();
+        nats.flush().await.unwrap();
+        let by_inbox = Arc::new(Mutex::new(HashMap::new()));
+        let counts = by_inbox.clone();
+        let task = tokio::spawn(async move {
+            let _nats = nats;
+            while let Some(reply) = replies.next().await {
+                // A pull's inbox is `_INBOX.<id>` too: skip the requests JetStream delivers
+                // to processors (they carry the requester's `Reply-Inbox`).
+                let delivery = reply
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get(headers::REPLY_INBOX).is_some());
+                // And a pull's own status messages (408 expired, 100 heartbeat).
+                if delivery || reply.status.is_some_and(|status| status.as_u16() != 200) {
+                    continue;
+                }
+                *counts
+                    .lock()
+                    .unwrap()
+                    .entry(reply.subject.to_string())
+                    .or_insert(0) += 1;
+            }
+        });
+        ReplyCounter { by_inbox, task }
+    }
+
+    /// (inboxes answered, replies beyond the first on each).
+    fn counts(&self) -> (usize, usize) {
+        let by_inbox = self.by_inbox.lock().unwrap();
+        let extra = by_inbox.values().map(|n| n - 1).sum();
+        (by_inbox.len(), extra)
+    }
+}
+
+impl Drop for ReplyCounter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Checks every request succeeded; prints and returns (median, slowest) latency.
+fn assert_all_ok(what: &str, outcomes: &[Outcome]) -> (Duration, Duration) {
+    let failed: Vec<&String> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} failed (lost), first: {:?}",
+        failed.len(),
+        outcomes.len(),
+        failed.first()
+    );
+    let mut latencies: Vec<Duration> = outcomes.iter().map(|r| *r.as_ref().unwrap()).collect();
+    latencies.sort();
+    let (median, slowest) = (
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+    );
+    (median, slowest)
+}
+
+/// Waits until `answered` reaches `at_least` (load is flowing).
 async fn wait_for(answered: &AtomicUsize, at_least: usize) {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     while answered.load(Ordering::Relaxed) < at_least {
         assert!(
             started.elapsed() < Duration::from_secs(30),
@@ -137,27 +168,65 @@ async fn wait_for(answered: &AtomicUsize, at_least: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jetstream_loses_nothing_when_a_processor_is_killed_mid_batch() {
+async fn jetstream_answers_every_request_when_a_processor_is_killed() {
     let server = NatsServer::start_jetstream();
     let mut doomed = processor(&server.url(), "jetstream", &[]);
     let survivor = processor(&server.url(), "jetstream", &[]);
+    let counter = ReplyCounter::start(&server.url()).await;
     let client = client(&server.url(), Transport::Jetstream).await;
     let answered = Arc::new(AtomicUsize::new(0));
-    let load = {
-        let (client, answered) = (client.clone(), answered.clone());
-        tokio::spawn(async move { send_all(&client, 5000, answered).await })
-    };
+    let load = open_loop(&client, 5000, 1000, answered.clone());
     // Both processors are busy (every batch lasts 20+ ms), so this lands inside a batch and
-    // the killed processor holds up to 64 unacknowledged requests.
-    wait_for(&answered, 1000).await;
+    // the killed processor holds up to 96 unacknowledged requests.
+    wait_for(&answered, 2000).await;
     doomed.kill();
-    let results = load.await.unwrap();
-    assert_all_ok(&results);
-    assert_eq!(answered.load(Ordering::Relaxed), 5000);
+    let outcomes = load.await.unwrap();
+    let (median, slowest) = assert_all_ok("processor SIGKILL", &outcomes);
+    // Redelivery comes after ack_wait (4 s), well inside the producer's 10 s timeout.
+    assert!(slowest < Duration::from_secs(10), "slowest {slowest:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (inboxes, duplicates) = counter.counts();
+    assert!(inboxes >= 5000, "{inboxes} inboxes answered");
+    println!(
+        "processor SIGKILL: 5000 of 5000 answered, lost 0, duplicates {duplicates}, \
+         median {median:?}, slowest {slowest:?}"
+    );
     drop(survivor);
 }
 
-async fn sigterm_under_load(transport: &str, client_transport: Transport) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_answers_every_request_across_a_nats_server_crash_and_restart() {
+    let mut server = NatsServer::start_jetstream();
+    let first = processor(&server.url(), "jetstream", &[]);
+    let second = processor(&server.url(), "jetstream", &[]);
+    let counter = ReplyCounter::start(&server.url()).await;
+    let client = client(&server.url(), Transport::Jetstream).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load = open_loop(&client, 5000, 1000, answered.clone());
+    wait_for(&answered, 2000).await;
+    // SIGKILL, down for a second, back on the same port and store.
+    server.stop();
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.restart();
+    let outcomes = load.await.unwrap();
+    let (median, slowest) = assert_all_ok("nats-server SIGKILL", &outcomes);
+    let (inboxes, duplicates) = counter.counts();
+    println!(
+        "nats-server SIGKILL + restart after 1 s: 5000 of 5000 answered, lost 0, duplicates \
+         seen {duplicates} ({inboxes} inboxes seen), median {median:?}, slowest {slowest:?}, \
+         all done {:?} after the crash",
+        down.elapsed()
+    );
+    // The same processes served before and after.
+    for processor in [&first, &second] {
+        assert!(!processor.log().contains("processor stopped"));
+    }
+}
+
+/// SIGTERM to one of two processors under load: it answers what it took and exits 0; the
+/// other one takes the rest. `retries` 0 in core, so a request dropped at shutdown shows.
+async fn sigterm_under_load(transport: &str, client_transport: Transport, retries: u32) {
     let server = if transport == "jetstream" {
         NatsServer::start_jetstream()
     } else {
@@ -165,40 +234,311 @@ async fn sigterm_under_load(transport: &str, client_transport: Transport) {
     };
     let mut stopping = processor(&server.url(), transport, &[]);
     let mut staying = processor(&server.url(), transport, &[]);
-    let client = client(&server.url(), client_transport).await;
+    let options = ClientOptions {
+        transport: client_transport,
+        retries,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect_with(&server.url(), options).await.unwrap();
     let answered = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = keep_sending(&client, 128, answered.clone(), stop.clone());
-    wait_for(&answered, 500).await;
+    let load = open_loop(&client, 5000, 1000, answered.clone());
+    wait_for(&answered, 2000).await;
     stopping.terminate();
     let (status, log) = tokio::task::spawn_blocking(move || {
-        let status = stopping.wait(Duration::from_secs(20));
+        let status = stopping.wait(Duration::from_secs(30));
         (status, stopping.log())
     })
     .await
     .unwrap();
     assert!(status.success(), "exit {status:?}; log:\n{log}");
     assert!(log.contains("processor stopped"), "{log}");
-    // Load goes on after the exit: the other processor takes all of it.
-    let at_exit = answered.load(Ordering::Relaxed);
-    wait_for(&answered, at_exit + 500).await;
-    stop.store(true, Ordering::Relaxed);
-    assert_all_ok(&load.await.unwrap());
+    let outcomes = load.await.unwrap();
+    let (median, slowest) = assert_all_ok(&format!("{transport} SIGTERM"), &outcomes);
+    println!(
+        "{transport} SIGTERM under load: 5000 of 5000 answered, median {median:?}, slowest {slowest:?}"
+    );
     staying.terminate();
-    let status = tokio::task::spawn_blocking(move || staying.wait(Duration::from_secs(20)))
+    let status = tokio::task::spawn_blocking(move || staying.wait(Duration::from_secs(30)))
         .await
         .unwrap();
     assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn core_sigterm_under_load_answers_what_it_took_and_exits_0() {
-    sigterm_under_load("core", Transport::Core).await;
+async fn core_sigterm_under_load_answers_every_request_it_was_sent_and_exits_0() {
+    sigterm_under_load("core", Transport::Core, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jetstream_sigterm_under_load_answers_what_it_took_and_exits_0() {
-    sigterm_under_load("jetstream", Transport::Jetstream).await;
+async fn jetstream_sigterm_under_load_answers_every_request_and_exits_0() {
+    sigterm_under_load(
+        "jetstream",
+        Transport::Jetstream,
+        ClientOptions::default().retries,
+    )
+    .await;
+}
+
+/// The `producer` binary, built beside this crate's binaries by `cargo test --workspace`.
+fn producer_binary() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_processor")).with_file_name("producer");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p producer` first)",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_cli_prints_every_line_when_a_processor_is_killed() {
+    let server = NatsServer::start_jetstream();
+    let mut doomed = processor(&server.url(), "jetstream", &[]);
+    let _others = [
+        processor(&server.url(), "jetstream", &[]),
+        processor(&server.url(), "jetstream", &[]),
+    ];
+    let lines: String = (0..3000).map(|i| format!("line {i}\n")).collect();
+    let mut cli = std::process::Command::new(producer_binary())
+        .args([
+            "--server",
+            &server.url(),
+            "--transport",
+            "jetstream",
+            "--chunk",
+            "1",
+            "embed",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = cli.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, lines.as_bytes()).unwrap();
+    drop(stdin);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    doomed.kill();
+    let output = tokio::task::spawn_blocking(move || cli.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(printed.len(), 3000);
+    for (i, line) in printed.iter().enumerate() {
+        let text = format!("line {i}");
+        assert_eq!(line, &serde_json::json!({"input": text, "text": text}));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_refuses_at_publish_time_and_keeps_what_it_stored() {
+    let server = NatsServer::start_jetstream();
+    let limit = [("PROCESSOR_JETSTREAM__MAX_MESSAGES", "100")];
+    // The stream is created by a processor, which then leaves: nothing consumes.
+    let mut creator = processor(&server.url(), "jetstream", &limit);
+    creator.terminate();
+    tokio::task::spawn_blocking(move || creator.wait(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let mut inbox = nats.subscribe("_INBOX.full").await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    for i in 0..100 {
+        let mut request_headers = async_nats::HeaderMap::new();
+        request_headers.insert(headers::REPLY_INBOX, "_INBOX.full");
+        let payload = format!(r#"{{"inputs": ["stored {i}"]}}"#);
+        jetstream
+            .publish_with_headers("bert.embed", request_headers, payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap_or_else(|e| panic!("request {i} of 100 refused: {e}"));
+    }
+    let refused = jetstream
+        .publish("bert.embed", r#"{"inputs": ["one too many"]}"#.into())
+        .await
+        .unwrap()
+        .await
+        .expect_err("the 101st request is refused");
+    assert!(
+        refused.to_string().contains("maximum messages exceeded"),
+        "{refused}"
+    );
+    // The producer, with its defaults, reports it as overloaded (after its retries).
+    let client = client(&server.url(), Transport::Jetstream).await;
+    let error = client
+        .request(Task::Embed, &InferRequest::new(["one too many"]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.service_error().map(|body| body.kind),
+        Some(schemas::ErrorCode::Overloaded),
+        "{error}"
+    );
+    // Nothing stored was dropped: a processor answers all 100.
+    let _processor = processor(&server.url(), "jetstream", &limit);
+    let mut texts = Vec::new();
+    while texts.len() < 100 {
+        let reply = tokio::time::timeout(Duration::from_secs(10), inbox.next())
+            .await
+            .expect("the stored requests are answered")
+            .unwrap();
+        let reply: schemas::InferReply = serde_json::from_slice(&reply.payload).unwrap();
+        texts.push(reply.outputs);
+    }
+    assert!(texts.contains(&vec![Output::Text {
+        text: "stored 0".into()
+    }]));
+    client
+        .request(Task::Embed, &InferRequest::new(["room again"]))
+        .await
+        .expect("a request fits once the stream has room");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_processor_takes_only_what_it_has_room_for_and_gives_nothing_back() {
+    let server = NatsServer::start_jetstream();
+    // Room for 8 messages (4 per batch, one worker), 2 admitted at a time, 100 ms per batch:
+    // 300 requests take about 8 s, twice the default ack_wait.
+    let processor = processor(
+        &server.url(),
+        "jetstream",
+        &[
+            ("PROCESSOR_BATCH__MAX_SIZE", "4"),
+            ("PROCESSOR_MODEL__BATCH_MS", "100"),
+            ("PROCESSOR_SERVICE__MAX_IN_FLIGHT_REQUESTS", "2"),
+        ],
+    );
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let mut inbox = nats.subscribe("_INBOX.busy").await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    for i in 0..300 {
+        let mut request_headers = async_nats::HeaderMap::new();
+        request_headers.insert(headers::REPLY_INBOX, "_INBOX.busy");
+        request_headers.insert(headers::CONTENT_TYPE, "application/json");
+        let payload = format!(r#"{{"inputs": ["busy {i}"]}}"#);
+        jetstream
+            .publish_with_headers("bert.embed", request_headers, payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut answered = HashMap::new();
+    let mut redelivered = 0;
+    let mut errors = Vec::new();
+    let quiet = async {
+        while let Ok(Some(reply)) = tokio::time::timeout(Duration::from_secs(6), inbox.next()).await
+        {
+            let reply_headers = reply.headers.clone().unwrap_or_default();
+            if reply_headers.get(headers::DELIVERY_COUNT).is_some() {
+                redelivered += 1;
+            }
+            if let Some(code) = reply_headers.get(headers::SERVICE_ERROR_CODE) {
+                errors.push(format!(
+                    "{code}: {}",
+                    String::from_utf8_lossy(&reply.payload)
+                ));
+                continue;
+            }
+            let reply: schemas::InferReply = serde_json::from_slice(&reply.payload).unwrap();
+            *answered.entry(format!("{:?}", reply.outputs)).or_insert(0) += 1;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), quiet)
+        .await
+        .expect("replies stop coming");
+    assert!(
+        errors.is_empty(),
+        "{} error replies, first {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert_eq!(answered.len(), 300, "distinct requests answered");
+    let duplicates: usize = answered.values().map(|n| n - 1).sum();
+    assert_eq!(
+        (duplicates, redelivered),
+        (0, 0),
+        "computed twice / redelivered"
+    );
+    drop(processor);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_stream_and_consumer_are_brought_to_the_config_or_refused() {
+    use async_nats::jetstream::{consumer, stream};
+    let server = NatsServer::start_jetstream();
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    // As an older version left them: discard `old`, ack_wait 30 s.
+    let old = jetstream
+        .create_stream(stream::Config {
+            name: "BERT_REQUESTS".into(),
+            subjects: vec!["bert.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_messages: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    old.create_consumer(consumer::pull::Config {
+        durable_name: Some("bert-processors".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let processor = processor(&server.url(), "jetstream", &[]);
+    let log = processor.log();
+    assert!(log.contains("updated the stream"), "{log}");
+    assert!(log.contains("updated the consumer"), "{log}");
+    let mut stream = jetstream.get_stream("BERT_REQUESTS").await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    assert_eq!(config.discard, stream::DiscardPolicy::New);
+    assert_eq!(config.max_messages, 1_000_000);
+    let mut pull: consumer::PullConsumer = stream.get_consumer("bert-processors").await.unwrap();
+    assert_eq!(
+        pull.info().await.unwrap().config.ack_wait,
+        Duration::from_secs(4)
+    );
+    drop(processor);
+
+    // A setting JetStream cannot change: the processor refuses to start, naming it.
+    jetstream.delete_stream("BERT_REQUESTS").await.unwrap();
+    jetstream
+        .create_stream(stream::Config {
+            name: "BERT_REQUESTS".into(),
+            subjects: vec!["bert.>".into()],
+            retention: stream::RetentionPolicy::Limits,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_processor"))
+        .env("PROCESSOR_NATS__URL", server.url())
+        .env("PROCESSOR_HTTP__LISTEN", "")
+        .env("PROCESSOR_SERVICE__TRANSPORT", "jetstream")
+        .env("PROCESSOR_MODEL__KIND", "echo")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("retention") && stderr.contains("nats stream rm BERT_REQUESTS"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
