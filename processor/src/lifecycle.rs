@@ -152,7 +152,7 @@ impl Processor {
         ProcessorHandle { stop, task }
     }
 
-    /// Serves until `shutdown` completes; then unsubscribes, answers everything already
+    /// Serves until `shutdown` completes; then stops taking requests, answers everything already
     /// received, stops the model workers and returns. Every step of that drain shares the
     /// grace period (`service.shutdown_grace_s`), NATS being unreachable included: what is
     /// not done by then is given up, with a log line that counts it.

@@ -409,7 +409,8 @@ async fn a_full_stream_refuses_at_publish_time_and_keeps_what_it_stored() {
 async fn a_busy_processor_takes_only_what_it_has_room_for_and_gives_nothing_back() {
     let server = NatsServer::start_jetstream();
     // Room for 8 messages (4 per batch, one worker), 2 admitted at a time, 100 ms per batch:
-    // 300 requests take about 8 s, twice the default ack_wait.
+    // 300 requests take 15 s or more, nearly four times the default ack_wait; the 6 messages
+    // waiting for a place at any time take it in the order they came.
     let processor = processor(
         &server.url(),
         "jetstream",

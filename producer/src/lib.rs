@@ -331,6 +331,9 @@ impl Client {
         request_headers.insert(headers::REQUEST_TIMEOUT_MS, budget_ms.as_str());
 
         let attempts = self.options.retries + 1;
+        // The best error heard so far: a reply that may be about an earlier attempt (all
+        // share the inbox) must not end a later one that can still succeed.
+        let mut heard: Option<Error> = None;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -338,38 +341,41 @@ impl Client {
             let mut attempt_headers = request_headers.clone();
             let message_id = format!("{request_id}.{attempt}");
             attempt_headers.insert(headers::MESSAGE_ID, message_id.as_str());
-            let error = match self
+            match self
                 .store(subject, attempt_headers, payload.clone(), until)
                 .await
             {
-                Err(error) => error,
-                Ok(()) => match tokio::time::timeout_at(until, replies.next()).await {
-                    Ok(Some(message)) => match parse_reply(&message) {
-                        Attempt::Done(result) => return result,
-                        Attempt::Retry(error) => error,
-                    },
-                    Ok(None) => {
-                        return Err(Error::Transport("the reply subscription closed".into()))
+                Err(error) => heard = Some(error),
+                Ok(()) => loop {
+                    match tokio::time::timeout_at(until, replies.next()).await {
+                        Ok(Some(message)) => match settle(&message) {
+                            Ok(result) => return result,
+                            Err(passing) => heard = Some(passing),
+                        },
+                        Ok(None) => {
+                            return Err(Error::Transport("the reply subscription closed".into()))
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => Error::TimedOut {
-                        subject: subject.to_string(),
-                        timeout: self.options.timeout,
-                        attempts: attempt,
-                    },
                 },
-            };
+            }
             if attempt >= attempts {
-                return Err(error);
+                return Err(heard.unwrap_or(Error::TimedOut {
+                    subject: subject.to_string(),
+                    timeout: self.options.timeout,
+                    attempts: attempt,
+                }));
             }
             // A reply to an earlier attempt that comes meanwhile is still taken.
             let pause = tokio::time::sleep(self.backoff(attempt));
             tokio::pin!(pause);
-            tokio::select! {
-                _ = &mut pause => {}
-                Some(message) = replies.next() => {
-                    if let Attempt::Done(result) = parse_reply(&message) {
-                        return result;
-                    }
+            loop {
+                tokio::select! {
+                    _ = &mut pause => break,
+                    Some(message) = replies.next() => match settle(&message) {
+                        Ok(result) => return result,
+                        Err(passing) => heard = Some(passing),
+                    },
                 }
             }
         }
@@ -431,6 +437,19 @@ impl Client {
             .saturating_mul(1u32 << (attempt - 1).min(16))
             .min(cap);
         ceiling.mul_f64(fastrand::f64())
+    }
+}
+
+/// A reply on a durable request's inbox: final (a result, or an error about the request
+/// itself), or passing (`Err`): `overloaded`, or `timeout`, which may answer an earlier
+/// attempt whose deadline ran out after it was re-sent; later attempts still count.
+fn settle(message: &async_nats::Message) -> Result<Result<InferReply, Error>, Error> {
+    match parse_reply(message) {
+        Attempt::Retry(error) => Err(error),
+        Attempt::Done(Err(Error::Service(body))) if body.kind == ErrorCode::Timeout => {
+            Err(Error::Service(body))
+        }
+        Attempt::Done(result) => Ok(result),
     }
 }
 

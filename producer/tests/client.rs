@@ -357,3 +357,108 @@ async fn cli_embed_with_minilm_prints_the_golden_embeddings() {
     }
     processor.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_timeout_reply_to_an_earlier_attempt_does_not_end_a_durable_request() {
+    use async_nats::jetstream::{consumer, stream};
+    use futures::StreamExt;
+    // The test plays the processor: it pulls the requests from the work queue itself.
+    let server = NatsServer::start_jetstream();
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    let queue = jetstream
+        .create_stream(stream::Config {
+            name: "BERT_REQUESTS".into(),
+            subjects: vec!["bert.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pull: consumer::PullConsumer = queue
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("test".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let options = ClientOptions {
+        transport: producer::Transport::Jetstream,
+        timeout: Duration::from_millis(800),
+        retries: 2,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect_with(&server.url(), options).await.unwrap();
+    let request = tokio::spawn(async move {
+        client
+            .request(Task::Embed, &InferRequest::new(["late"]))
+            .await
+    });
+    let next = || async {
+        let batch = pull.batch().max_messages(1).expires(Duration::from_secs(5));
+        let message = batch
+            .messages()
+            .await
+            .unwrap()
+            .next()
+            .await
+            .unwrap()
+            .unwrap();
+        message.ack().await.unwrap();
+        message
+    };
+    let first = next().await;
+    // No reply within the attempt's 800 ms: the producer sends the request again.
+    let second = next().await;
+    let id = |m: &async_nats::jetstream::Message| {
+        m.headers
+            .as_ref()
+            .unwrap()
+            .get("Nats-Msg-Id")
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(
+        id(&first),
+        id(&second),
+        "a new attempt has a new message id"
+    );
+    let inbox = second
+        .headers
+        .as_ref()
+        .unwrap()
+        .get("Reply-Inbox")
+        .unwrap()
+        .to_string();
+    // The first attempt's deadline ran out: its `timeout` reply comes late, then the answer
+    // to the second attempt.
+    let mut late = async_nats::HeaderMap::new();
+    late.insert("Content-Type", "application/json");
+    late.insert("Nats-Service-Error", "timeout");
+    late.insert("Nats-Service-Error-Code", "504");
+    let body = schemas::ErrorBody::new(ErrorCode::Timeout, "deadline passed");
+    nats.publish_with_headers(
+        inbox.clone(),
+        late,
+        serde_json::to_vec(&body).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    let mut ok = async_nats::HeaderMap::new();
+    ok.insert("Content-Type", "application/json");
+    let reply = schemas::InferReply {
+        outputs: vec![Output::Text {
+            text: "late".into(),
+        }],
+        model: "test".into(),
+        batch_size: 1,
+    };
+    nats.publish_with_headers(inbox, ok, serde_json::to_vec(&reply).unwrap().into())
+        .await
+        .unwrap();
+    let answer = request
+        .await
+        .unwrap()
+        .expect("the second attempt's answer is taken");
+    assert_eq!(answer.outputs, reply.outputs);
+}

@@ -6,8 +6,10 @@
 //! the loop keeps draining its subscription however slow the model is.
 //!
 //! The endpoints live on a connection of their own. At shutdown that connection is drained:
-//! the server stops routing requests here, the ones it had already sent still arrive and are
-//! answered, and then it closes; replies from then on go over the processor's main connection.
+//! async-nats unsubscribes, reads and hands over what the server had already sent, and then
+//! closes it (without waiting for the server's PONG, so a request still on the wire at that
+//! instant can be missed; far fewer than unsubscribing alone drops); replies from then on go
+//! over the processor's main connection.
 
 use std::sync::Arc;
 
@@ -110,11 +112,13 @@ impl Intake {
             // Every endpoint ended by itself: the connection was closed.
             _ = async { while loops.join_next().await.is_some() {} } => return,
         }
-        *route_replies.write().await = false;
         if self.connection.connection_state() != async_nats::connection::State::Connected {
             // Nothing more can arrive, and a drain would wait for the server to come back.
             loops.abort_all();
-        } else if let Err(err) = self.connection.drain().await {
+            return;
+        }
+        *route_replies.write().await = false;
+        if let Err(err) = self.connection.drain().await {
             tracing::warn!(%err, "draining the intake connection");
             loops.abort_all();
         }

@@ -41,6 +41,12 @@ pub(crate) struct Intake {
     capacity: usize,
     /// Messages one pull asks for at most: one batch.
     pull_size: usize,
+    /// How long a message waits for a place in the queue (`batch.max_queue_wait_ms`) before
+    /// it is answered `overloaded`.
+    max_wait: Duration,
+    /// Messages waiting for a place take it in the order they came (tokio's mutex is fair),
+    /// so a large request is not passed forever by small ones.
+    placing: tokio::sync::Mutex<()>,
 }
 
 /// How long one pull stays open at the server. Messages arriving meanwhile are delivered at
@@ -48,8 +54,9 @@ pub(crate) struct Intake {
 /// unnoticed, and how long shutdown waits for the pull under way.
 const PULL_EXPIRY: Duration = Duration::from_secs(2);
 
-/// How long past its expiry a pull is waited for before it is given up as lost.
-const PULL_LOST_AFTER: Duration = Duration::from_millis(500);
+/// How long past its expiry a pull is waited for before it is given up as lost (messages a
+/// slow server delivers to it later come back after `ack_wait`).
+const PULL_LOST_AFTER: Duration = Duration::from_secs(1);
 
 /// How often a message that found no place in the queue asks again.
 const PLACE_RETRY: Duration = Duration::from_millis(50);
@@ -71,6 +78,8 @@ impl Intake {
             consumer,
             capacity: config.batch.max_size * (workers + 1),
             pull_size: config.batch.max_size,
+            max_wait: Duration::from_millis(config.batch.max_queue_wait_ms),
+            placing: tokio::sync::Mutex::new(()),
             settings,
             prefix,
         })
@@ -279,23 +288,38 @@ impl Intake {
     ) -> (Result<InferReply, ErrorBody>, usize, Option<Ticket>) {
         let payload = &message.payload;
         let message_headers = message.headers.as_ref();
+        let waiting_since = Instant::now();
         let work = async {
             loop {
-                let ticket = match pipeline.place(task, payload.len(), message_headers, received) {
-                    Ok(ticket) => ticket,
-                    // Busy for now; a deadline that passes meanwhile ends the wait (`timeout`).
-                    Err(Refusal { shed: Some(_), .. }) => {
-                        tokio::time::sleep(PLACE_RETRY).await;
-                        continue;
+                let turn = self.placing.lock().await;
+                let ticket = loop {
+                    match pipeline.place(task, payload.len(), message_headers, received) {
+                        Ok(ticket) => break ticket,
+                        // Busy for now; a deadline that passes meanwhile ends the wait
+                        // (`timeout`), and so does `max_wait` (`overloaded`, final: the
+                        // requester re-sends).
+                        Err(Refusal {
+                            shed: Some(_),
+                            error,
+                        }) => {
+                            if waiting_since.elapsed() >= self.max_wait {
+                                return (Err(error), 0, None);
+                            }
+                            tokio::time::sleep(PLACE_RETRY).await;
+                        }
+                        Err(Refusal { error, .. }) => return (Err(error), 0, None),
                     }
-                    Err(Refusal { error, .. }) => return (Err(error), 0, None),
                 };
+                drop(turn);
                 let (result, inputs) = pipeline
                     .compute(task, encoding, payload, message_headers, received)
                     .await;
                 match result {
                     // The queue turned it away after all (it filled meanwhile): wait again.
-                    Err(error) if error.kind == ErrorCode::Overloaded => {
+                    Err(error)
+                        if error.kind == ErrorCode::Overloaded
+                            && waiting_since.elapsed() < self.max_wait =>
+                    {
                         drop(ticket);
                         tokio::time::sleep(PLACE_RETRY).await;
                     }
