@@ -345,6 +345,28 @@ async fn producer_cli_prints_every_line_when_a_processor_is_killed() {
     }
 }
 
+/// Stores `n` one-input JSON requests `"{text} {i}"` in the stream as a plain client would
+/// (PROTOCOL.md), replies to `inbox`; panics if the stream refuses one.
+async fn store_requests(
+    jetstream: &async_nats::jetstream::Context,
+    inbox: &str,
+    text: &str,
+    n: usize,
+) {
+    for i in 0..n {
+        let mut request_headers = async_nats::HeaderMap::new();
+        request_headers.insert(headers::REPLY_INBOX, inbox);
+        request_headers.insert(headers::CONTENT_TYPE, "application/json");
+        let payload = format!(r#"{{"inputs": ["{text} {i}"]}}"#);
+        jetstream
+            .publish_with_headers("bert.embed", request_headers, payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap_or_else(|e| panic!("request {i} of {n} refused: {e}"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_refuses_at_publish_time_and_keeps_what_it_stored() {
     let server = NatsServer::start_jetstream();
@@ -358,17 +380,7 @@ async fn a_full_stream_refuses_at_publish_time_and_keeps_what_it_stored() {
     let nats = async_nats::connect(server.url()).await.unwrap();
     let mut inbox = nats.subscribe("_INBOX.full").await.unwrap();
     let jetstream = async_nats::jetstream::new(nats.clone());
-    for i in 0..100 {
-        let mut request_headers = async_nats::HeaderMap::new();
-        request_headers.insert(headers::REPLY_INBOX, "_INBOX.full");
-        let payload = format!(r#"{{"inputs": ["stored {i}"]}}"#);
-        jetstream
-            .publish_with_headers("bert.embed", request_headers, payload.into())
-            .await
-            .unwrap()
-            .await
-            .unwrap_or_else(|e| panic!("request {i} of 100 refused: {e}"));
-    }
+    store_requests(&jetstream, "_INBOX.full", "stored", 100).await;
     let refused = jetstream
         .publish("bert.embed", r#"{"inputs": ["one too many"]}"#.into())
         .await
@@ -428,18 +440,7 @@ async fn a_busy_processor_takes_only_what_it_has_room_for_and_gives_nothing_back
     let nats = async_nats::connect(server.url()).await.unwrap();
     let mut inbox = nats.subscribe("_INBOX.busy").await.unwrap();
     let jetstream = async_nats::jetstream::new(nats.clone());
-    for i in 0..300 {
-        let mut request_headers = async_nats::HeaderMap::new();
-        request_headers.insert(headers::REPLY_INBOX, "_INBOX.busy");
-        request_headers.insert(headers::CONTENT_TYPE, "application/json");
-        let payload = format!(r#"{{"inputs": ["busy {i}"]}}"#);
-        jetstream
-            .publish_with_headers("bert.embed", request_headers, payload.into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
+    store_requests(&jetstream, "_INBOX.busy", "busy", 300).await;
     let mut answered = HashMap::new();
     let mut redelivered = 0;
     let mut errors = Vec::new();
