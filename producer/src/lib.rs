@@ -5,6 +5,8 @@
 //! and its multiplexed inbox). Requests that found no processor, timed out or were refused as
 //! overloaded are retried with jittered exponential backoff.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::{HeaderMap, RequestErrorKind};
@@ -114,6 +116,91 @@ impl Error {
 pub struct Client {
     nats: async_nats::Client,
     options: ClientOptions,
+    /// Where durable requests' replies arrive: one subscription for all of them, made at the
+    /// first one.
+    replies: Arc<tokio::sync::OnceCell<ReplyRouter>>,
+}
+
+/// One wildcard subscription, `{prefix}.*`, for the replies of every durable request of a
+/// client, handed to each request by the last token of its inbox. Not a subscription per
+/// request: in a cluster, a new subscription's interest reaches the other servers a moment
+/// after the request itself may, and a processor on another server would answer into the
+/// void.
+#[derive(Debug)]
+struct ReplyRouter {
+    prefix: String,
+    waiting: Arc<Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplyRouter {
+    async fn start(nats: &async_nats::Client) -> Result<ReplyRouter, Error> {
+        let prefix = format!("{}.reply", nats.new_inbox());
+        let mut subscription = nats
+            .subscribe(format!("{prefix}.*"))
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        // The server has the subscription before the first request goes out.
+        nats.flush()
+            .await
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        let waiting: Arc<Mutex<HashMap<_, tokio::sync::mpsc::UnboundedSender<_>>>> = Arc::default();
+        let routes = waiting.clone();
+        let task = tokio::spawn(async move {
+            while let Some(message) = subscription.next().await {
+                let id = message.subject.rsplit('.').next().unwrap_or_default();
+                // A reply for a request no longer waiting (answered already) is dropped.
+                if let Some(waiter) = routes.lock().expect("reply routes").get(id) {
+                    let _ = waiter.send(message);
+                }
+            }
+        });
+        Ok(ReplyRouter {
+            prefix,
+            waiting,
+            task,
+        })
+    }
+
+    /// A fresh inbox and the replies that reach it, until the returned guard is dropped.
+    fn register(&self, id: &str) -> (String, Replies) {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        self.waiting
+            .lock()
+            .expect("reply routes")
+            .insert(id.to_string(), sender);
+        let replies = Replies {
+            receiver,
+            id: id.to_string(),
+            waiting: self.waiting.clone(),
+        };
+        (format!("{}.{id}", self.prefix), replies)
+    }
+}
+
+impl Drop for ReplyRouter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The replies to one durable request; unregistered on drop.
+struct Replies {
+    receiver: tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
+    id: String,
+    waiting: Arc<Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>>>,
+}
+
+impl Replies {
+    async fn next(&mut self) -> Option<async_nats::Message> {
+        self.receiver.recv().await
+    }
+}
+
+impl Drop for Replies {
+    fn drop(&mut self) {
+        self.waiting.lock().expect("reply routes").remove(&self.id);
+    }
 }
 
 /// The outcome of one attempt, before retry decisions.
@@ -145,7 +232,7 @@ impl Client {
             None => {}
         }
         let nats = connect
-            .connect(servers.joined())
+            .connect(servers.as_slice())
             .await
             .map_err(|e| failed(e.to_string()))?;
         Ok(Client::from_nats(nats, options))
@@ -153,7 +240,11 @@ impl Client {
 
     /// Wraps an existing NATS connection.
     pub fn from_nats(nats: async_nats::Client, options: ClientOptions) -> Client {
-        Client { nats, options }
+        Client {
+            nats,
+            options,
+            replies: Arc::default(),
+        }
     }
 
     /// The options in use.
@@ -317,13 +408,15 @@ impl Client {
         subject: &str,
         payload: bytes::Bytes,
     ) -> Result<InferReply, Error> {
-        let inbox = self.nats.new_inbox();
-        let mut replies = self
-            .nats
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| Error::Transport(e.to_string()))?;
-        let request_id = inbox.rsplit('.').next().unwrap_or(&inbox).to_string();
+        let router = self
+            .replies
+            .get_or_try_init(|| ReplyRouter::start(&self.nats))
+            .await?;
+        // A unique id (NUID): the last token of the inbox, and the root of each attempt's
+        // `Nats-Msg-Id`.
+        let fresh = self.nats.new_inbox();
+        let request_id = fresh.rsplit('.').next().unwrap_or(&fresh).to_string();
+        let (inbox, mut replies) = router.register(&request_id);
         let mut request_headers = HeaderMap::new();
         request_headers.insert(headers::CONTENT_TYPE, self.options.encoding.media_type());
         request_headers.insert(headers::REPLY_INBOX, inbox.as_str());
