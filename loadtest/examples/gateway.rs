@@ -39,9 +39,11 @@ struct Gateway {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // One server or several, comma-separated (async-nats takes several as a slice).
+    let servers: Vec<&str> = args.server.split(',').collect();
     let nats = async_nats::ConnectOptions::new()
         .request_timeout(Some(Duration::from_secs(30)))
-        .connect(&args.server)
+        .connect(servers.as_slice())
         .await?;
     let gateway = Gateway {
         nats,

@@ -80,7 +80,8 @@ pub enum LogFormat {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    /// Server URL(s), comma-separated.
+    /// Server URL(s), comma-separated. The client also learns every server of a cluster from
+    /// the one it connects to, and reconnects to another when that one goes.
     pub url: String,
     /// A `.creds` file (JWT and NKey seed), as issued by an operator/account setup.
     pub credentials_file: Option<PathBuf>,
@@ -144,7 +145,7 @@ impl NatsConfig {
     pub async fn connect_options(
         &self,
         name: &str,
-    ) -> anyhow::Result<(async_nats::ConnectOptions, String)> {
+    ) -> anyhow::Result<(async_nats::ConnectOptions, Vec<String>)> {
         let servers =
             schemas::ServerUrls::parse(&self.url).map_err(|e| anyhow::anyhow!("nats.url: {e}"))?;
         let mut options = async_nats::ConnectOptions::new().name(name);
@@ -176,7 +177,7 @@ impl NatsConfig {
         if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
-        Ok((options.require_tls(self.tls_required), servers.joined()))
+        Ok((options.require_tls(self.tls_required), servers.urls))
     }
 
     /// `url` with passwords and tokens replaced by `***`.
@@ -330,8 +331,63 @@ pub struct JetStreamConfig {
     pub max_age_s: u64,
     /// Window in which a retried publish with the same `Nats-Msg-Id` is dropped.
     pub duplicate_window_s: u64,
-    /// Stream replicas (3 on a 3-node cluster).
-    pub replicas: usize,
+    /// Stream replicas (the consumer follows the stream): `auto` gives 3 on a cluster (fewer
+    /// if it has fewer JetStream servers) and 1 on a single server, and never lowers an
+    /// existing stream's count; a number (1-5) is set exactly.
+    pub replicas: Replicas,
+}
+
+/// `jetstream.replicas`: how many servers keep a copy of every request (and of the
+/// consumer's state). R3 survives the loss of any one of three servers; R1 loses the requests
+/// on a server that is lost for good, and pauses while it is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Replicas {
+    /// 3 when the server is part of a cluster (or as many JetStream servers as it has, if
+    /// fewer), 1 otherwise. An existing stream with more is left as it is.
+    #[default]
+    Auto,
+    /// Exactly this many.
+    Exactly(usize),
+}
+
+impl Serialize for Replicas {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Replicas::Auto => serializer.serialize_str("auto"),
+            Replicas::Exactly(n) => serializer.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Replicas {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Replicas;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of replicas (1 to 5) or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Replicas, E> {
+                Ok(Replicas::Exactly(usize::try_from(n).unwrap_or(usize::MAX)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Replicas, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(n), &self)),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Replicas, E> {
+                match text.trim() {
+                    "auto" => Ok(Replicas::Auto),
+                    number => number
+                        .parse::<u64>()
+                        .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(text), &self))
+                        .and_then(|n| self.visit_u64(n)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 impl Default for JetStreamConfig {
@@ -347,7 +403,7 @@ impl Default for JetStreamConfig {
             max_bytes: 1 << 30,
             max_age_s: 3_600,
             duplicate_window_s: 120,
-            replicas: 1,
+            replicas: Replicas::Auto,
         }
     }
 }
@@ -766,8 +822,11 @@ impl Config {
         if js.max_deliver == 0 {
             return Err(invalid("jetstream.max_deliver", "must be at least 1"));
         }
-        if js.replicas == 0 || js.replicas > 5 {
-            return Err(invalid("jetstream.replicas", "must be between 1 and 5"));
+        if let Replicas::Exactly(0 | 6..) = js.replicas {
+            return Err(invalid(
+                "jetstream.replicas",
+                "must be between 1 and 5, or auto",
+            ));
         }
         if self.model.kind == ModelKind::Sim && self.model.devices.is_empty() {
             return Err(invalid(
@@ -869,6 +928,44 @@ mod tests {
             assert_eq!(config.nats.url, "nats://10.0.0.1:4222");
             Ok(())
         });
+    }
+
+    #[test]
+    fn replicas_are_auto_or_a_number_from_one_to_five() {
+        let load = |file: &str, env: Option<&str>| {
+            let mut result = None;
+            Jail::expect_with(|jail| {
+                jail.create_file("processor.toml", file)?;
+                if let Some(value) = env {
+                    jail.set_env("PROCESSOR_JETSTREAM__REPLICAS", value);
+                }
+                result = Some(
+                    Config::from_figment(&Config::figment(None).unwrap())
+                        .map(|config| config.jetstream.replicas)
+                        .map_err(|e| e.to_string()),
+                );
+                Ok(())
+            });
+            result.unwrap()
+        };
+        assert_eq!(load("", None), Ok(Replicas::Auto));
+        assert_eq!(
+            load("[jetstream]\nreplicas = \"auto\"\n", None),
+            Ok(Replicas::Auto)
+        );
+        assert_eq!(
+            load("[jetstream]\nreplicas = 3\n", None),
+            Ok(Replicas::Exactly(3))
+        );
+        assert_eq!(load("", Some("5")), Ok(Replicas::Exactly(5)));
+        assert_eq!(load("", Some("auto")), Ok(Replicas::Auto));
+        for bad in ["0", "6", "-1", "three"] {
+            let err = load("", Some(bad)).unwrap_err();
+            assert!(err.contains("replicas"), "{bad}: {err}");
+        }
+        // Shown as written, so `--print-config` output can be fed back.
+        let shown = toml::to_string(&JetStreamConfig::default()).unwrap();
+        assert!(shown.contains("replicas = \"auto\""), "{shown}");
     }
 
     #[test]

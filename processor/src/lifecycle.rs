@@ -247,11 +247,15 @@ async fn connect(
             async move {
                 match event {
                     async_nats::Event::SlowConsumer(_) => events.count_dropped("slow_consumer"),
+                    async_nats::Event::Connected => {
+                        tracing::info!(event = %event, "NATS connection");
+                        events.connected();
+                    }
                     other => tracing::info!(event = %other, "NATS connection"),
                 }
             }
         })
-        .connect(urls.as_str())
+        .connect(urls.as_slice())
         .await
         .with_context(|| format!("connecting to NATS at {}", config.nats.redacted_url()))
 }

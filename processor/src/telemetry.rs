@@ -78,6 +78,9 @@ struct State {
     /// Shutting down: no new requests.
     draining: AtomicBool,
     disconnected_since: Mutex<Option<Instant>>,
+    /// Woken each time a NATS connection is (re)established: what was waiting on the old
+    /// connection (a JetStream pull) is gone.
+    connected: tokio::sync::Notify,
 }
 
 impl Telemetry {
@@ -188,6 +191,17 @@ impl Telemetry {
     pub(crate) fn serving(&self, nats: async_nats::Client) {
         let _ = self.state.nats.set(nats);
         self.state.serving.store(true, Ordering::Relaxed);
+    }
+
+    /// A NATS connection was (re)established.
+    pub(crate) fn connected(&self) {
+        self.state.connected.notify_waiters();
+    }
+
+    /// Completes at the next (re)connection after this call: a pull request made before
+    /// it was lost with the old connection.
+    pub(crate) fn next_connection(&self) -> tokio::sync::futures::Notified<'_> {
+        self.state.connected.notified()
     }
 
     /// Shutting down: readiness fails so that no new traffic is routed here.

@@ -92,9 +92,10 @@ impl ServerUrls {
         Ok(ServerUrls { urls, credentials })
     }
 
-    /// The URLs as one comma-separated string, as NATS clients take them.
-    pub fn joined(&self) -> String {
-        self.urls.join(",")
+    /// The URLs as async-nats takes several of them (a slice: it does not split a
+    /// comma-separated string).
+    pub fn as_slice(&self) -> &[String] {
+        &self.urls
     }
 }
 

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{Config, JetStreamConfig};
+use crate::config::{Config, JetStreamConfig, Replicas};
 use crate::pipeline::{Pipeline, Refusal, Ticket};
 use crate::request::{self, Reply};
 
@@ -55,8 +55,14 @@ pub(crate) struct Intake {
 const PULL_EXPIRY: Duration = Duration::from_secs(2);
 
 /// How long past its expiry a pull is waited for before it is given up as lost (messages a
-/// slow server delivers to it later come back after `ack_wait`).
+/// slow server delivers to it later come back after `ack_wait`). A pull made before a
+/// reconnection is given up at once.
 const PULL_LOST_AFTER: Duration = Duration::from_secs(1);
+
+/// Pause after a failed pull before the next. Short: in a cluster, the consumer has no
+/// leader for the few seconds of an election, and the processor should pull again as soon
+/// as the new leader is there; long enough not to spin.
+const PULL_RETRY: Duration = Duration::from_millis(200);
 
 /// How often a message that found no place in the queue asks again.
 const PLACE_RETRY: Duration = Duration::from_millis(50);
@@ -71,7 +77,8 @@ impl Intake {
         let settings = config.jetstream.clone();
         let prefix = config.service.subject_prefix.clone();
         let context = async_nats::jetstream::new(client.clone());
-        let stream = ensure_stream(&context, &settings, &prefix).await?;
+        let clustered = client.server_info().cluster.is_some();
+        let stream = ensure_stream(&context, &settings, &prefix, clustered).await?;
         let consumer = ensure_consumer(&stream, &settings).await?;
         let workers = config.model.workers();
         Ok(Intake {
@@ -106,16 +113,19 @@ impl Intake {
                 .expires(PULL_EXPIRY)
                 .messages()
                 .await;
-            match pull {
+            let failed = match pull {
                 // Messages delivered after `stop` are ours too: they are answered like the rest.
-                Ok(pull) => this.take(pull, places, &client, &pipeline, &requests).await,
+                Ok(pull) => !this.take(pull, places, &client, &pipeline, &requests).await,
                 Err(err) => {
                     drop(places);
-                    tracing::warn!(%err, "pulling from the JetStream consumer; retrying in 1 s");
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
+                    tracing::warn!(%err, "pulling from the JetStream consumer");
+                    true
+                }
+            };
+            if failed {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(PULL_RETRY) => {}
                 }
             }
         }
@@ -145,6 +155,7 @@ impl Intake {
 
     /// Hands every message of one pull to a request task of its own, each with one of the
     /// places reserved for the pull; the places not used are freed when the pull ends.
+    /// False if the pull failed (or was lost with the connection).
     async fn take(
         self: &Arc<Self>,
         mut pull: pull::Batch,
@@ -152,13 +163,20 @@ impl Intake {
         client: &async_nats::Client,
         pipeline: &Arc<Pipeline>,
         requests: &TaskTracker,
-    ) {
+    ) -> bool {
         // The server ends the pull at its expiry; one that outlives it was lost with the
-        // connection and is not waited for (async-nats alone would wait 5 s more).
+        // connection and is not waited for (async-nats alone would wait 5 s more). A new
+        // connection (to this server or, in a cluster, another) means the same, at once.
         let lost_at = Instant::now() + PULL_EXPIRY + PULL_LOST_AFTER;
+        let reconnected = pipeline.telemetry.next_connection();
+        tokio::pin!(reconnected);
         while places.num_permits() > 0 {
             let message = tokio::select! {
-                _ = tokio::time::sleep_until(lost_at) => break,
+                _ = tokio::time::sleep_until(lost_at) => return false,
+                _ = &mut reconnected => {
+                    tracing::info!("reconnected to NATS: pulling again");
+                    return false;
+                }
                 message = pull.next() => message,
             };
             match message {
@@ -176,11 +194,12 @@ impl Intake {
                 }
                 Some(Err(err)) => {
                     tracing::warn!(%err, "receiving from the JetStream consumer");
-                    break;
+                    return false;
                 }
                 None => break,
             }
         }
+        true
     }
 
     async fn handle(&self, message: Message, client: &async_nats::Client, pipeline: &Pipeline) {
@@ -344,13 +363,29 @@ impl Intake {
 }
 
 /// The work-queue stream as configured: created if missing; an existing one is updated where
-/// its settings differ, or refused where JetStream cannot change them.
+/// its settings differ, or refused where JetStream cannot change them. `clustered`: the
+/// server is part of a cluster (its INFO names one), which makes `replicas = auto` mean 3.
 async fn ensure_stream(
     context: &async_nats::jetstream::Context,
     settings: &JetStreamConfig,
     prefix: &str,
+    clustered: bool,
 ) -> anyhow::Result<stream::Stream> {
     let name = &settings.stream;
+    let replicas = match settings.replicas {
+        Replicas::Exactly(n) => {
+            if n > 1 && !clustered {
+                tracing::warn!(
+                    replicas = n,
+                    "jetstream.replicas asks for {n} copies but the server is not part of a \
+                     cluster: the stream has one"
+                );
+            }
+            n
+        }
+        Replicas::Auto if clustered => AUTO_REPLICAS,
+        Replicas::Auto => 1,
+    };
     let wanted = stream::Config {
         name: name.clone(),
         subjects: vec![format!("{prefix}.>")],
@@ -363,13 +398,10 @@ async fn ensure_stream(
         max_bytes: settings.max_bytes,
         max_age: Duration::from_secs(settings.max_age_s),
         duplicate_window: Duration::from_secs(settings.duplicate_window_s),
-        num_replicas: settings.replicas,
+        num_replicas: replicas,
         ..Default::default()
     };
-    let mut stream = context
-        .get_or_create_stream(wanted.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("stream {name}: {e}"))?;
+    let mut stream = create_stream(context, &wanted, settings.replicas).await?;
     let current = stream
         .info()
         .await
@@ -391,6 +423,11 @@ async fn ensure_stream(
     if current.storage != wanted.storage {
         return Err(recreate("storage", format!("{:?}", current.storage)));
     }
+    // `auto` never lowers the count an operator (or an earlier processor) chose.
+    let replicas = match settings.replicas {
+        Replicas::Auto => replicas.max(current.num_replicas),
+        Replicas::Exactly(n) => n,
+    };
     let mut changed = Vec::new();
     let mut compare = |setting: &str, found: String, want: String| {
         if found != want {
@@ -427,11 +464,14 @@ async fn ensure_stream(
         current.duplicate_window.as_secs().to_string(),
         wanted.duplicate_window.as_secs().to_string(),
     );
-    compare(
-        "replicas",
-        current.num_replicas.to_string(),
-        wanted.num_replicas.to_string(),
-    );
+    // A single server reports one replica whatever was asked: nothing to change there.
+    if clustered {
+        compare(
+            "replicas",
+            current.num_replicas.to_string(),
+            replicas.to_string(),
+        );
+    }
     if !changed.is_empty() {
         let changed = changed.join(", ");
         // Everything else the operator set on the stream is kept.
@@ -442,16 +482,93 @@ async fn ensure_stream(
             max_bytes: wanted.max_bytes,
             max_age: wanted.max_age,
             duplicate_window: wanted.duplicate_window,
-            num_replicas: wanted.num_replicas,
-            ..current
+            num_replicas: if clustered {
+                replicas
+            } else {
+                current.num_replicas
+            },
+            ..current.clone()
         };
-        context
-            .update_stream(&updated)
-            .await
-            .map_err(|e| anyhow::anyhow!("stream {name}: changing {changed}: {e}"))?;
+        match context.update_stream(&updated).await {
+            Ok(_) => {}
+            // `auto` asked for more copies than the cluster can hold now (a server is down, or
+            // it has fewer than 3): keep the count the stream has, change the rest.
+            Err(e)
+                if settings.replicas == Replicas::Auto
+                    && is_insufficient_resources(&e.to_string()) =>
+            {
+                tracing::warn!(
+                    stream = %name,
+                    replicas = current.num_replicas,
+                    wanted = replicas,
+                    "the cluster cannot hold {replicas} copies of the stream now: keeping {}",
+                    current.num_replicas
+                );
+                let kept = stream::Config {
+                    num_replicas: current.num_replicas,
+                    ..updated
+                };
+                if kept != current {
+                    context
+                        .update_stream(&kept)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("stream {name}: changing {changed}: {e}"))?;
+                }
+            }
+            Err(e) => return Err(anyhow::anyhow!("stream {name}: changing {changed}: {e}")),
+        }
         tracing::info!(stream = %name, %changed, "updated the stream to the configuration");
+        stream = context
+            .get_stream(name)
+            .await
+            .map_err(|e| anyhow::anyhow!("stream {name}: {e}"))?;
     }
     Ok(stream)
+}
+
+/// Replicas that `auto` asks for on a cluster: a copy on each of three servers survives the
+/// loss of any one of them, with a quorum (2 of 3) left to go on.
+const AUTO_REPLICAS: usize = 3;
+
+/// Gets the stream, or creates it as `wanted`. With `auto` replicas on a cluster of fewer
+/// JetStream servers than asked for, it is created with as many copies as the cluster holds.
+async fn create_stream(
+    context: &async_nats::jetstream::Context,
+    wanted: &stream::Config,
+    setting: Replicas,
+) -> anyhow::Result<stream::Stream> {
+    let name = &wanted.name;
+    let mut config = wanted.clone();
+    loop {
+        match context.get_or_create_stream(config.clone()).await {
+            Ok(stream) => {
+                if config.num_replicas < wanted.num_replicas {
+                    tracing::warn!(
+                        stream = %name,
+                        replicas = config.num_replicas,
+                        "the cluster cannot hold {} copies of the stream now: created with {}",
+                        wanted.num_replicas,
+                        config.num_replicas
+                    );
+                }
+                return Ok(stream);
+            }
+            Err(e)
+                if setting == Replicas::Auto
+                    && config.num_replicas > 1
+                    && is_insufficient_resources(&e.to_string()) =>
+            {
+                config.num_replicas -= 1;
+            }
+            Err(e) => return Err(anyhow::anyhow!("stream {name}: {e}")),
+        }
+    }
+}
+
+/// Whether JetStream refused a stream because it has too few servers (or too little room)
+/// for the copies asked for.
+fn is_insufficient_resources(error: &str) -> bool {
+    error.contains("insufficient resources") || error.contains("10023")
 }
 
 /// The durable pull consumer as configured: created if missing; an existing one is updated

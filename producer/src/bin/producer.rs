@@ -14,7 +14,7 @@ use schemas::{InferOptions, InferRequest, Output, Task};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// NATS server URL.
+    /// NATS server URL(s), comma-separated; the rest of a cluster is learnt from the server.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     server: String,
     /// Subject prefix of the service.
