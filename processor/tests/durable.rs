@@ -6,166 +6,19 @@
 
 use std::collections::HashMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use producer::{Client, ClientOptions, Transport};
+use producer::{ClientOptions, Transport};
 use schemas::{headers, InferRequest, Output, Task};
-use testkit::{ChildProcess, NatsServer};
+use testkit::NatsServer;
 
-/// Starts a `processor` binary serving the `sim` model on `url` (about 1,200 one-input
-/// requests/s); every reliability setting is left at its default.
-fn processor(url: &str, transport: &str, extra: &[(&str, &str)]) -> ChildProcess {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_processor"));
-    command
-        .env("RUST_LOG", "info")
-        .env("PROCESSOR_NATS__URL", url)
-        .env("PROCESSOR_HTTP__LISTEN", "127.0.0.1:0")
-        .env("PROCESSOR_SERVICE__TRANSPORT", transport)
-        .env("PROCESSOR_MODEL__KIND", "sim")
-        .env("PROCESSOR_MODEL__BATCH_MS", "20")
-        .env("PROCESSOR_MODEL__ITEM_MS", "0.2")
-        .env("PROCESSOR_BATCH__MAX_SIZE", "32");
-    for (key, value) in extra {
-        command.env(key, value);
-    }
-    ChildProcess::spawn(command, "processor ready", Duration::from_secs(30))
-}
-
-/// A producer client with every option at its default but the transport.
-async fn client(url: &str, transport: Transport) -> Client {
-    let options = ClientOptions {
-        transport,
-        ..ClientOptions::default()
-    };
-    Client::connect_with(url, options).await.unwrap()
-}
-
-/// One request's outcome: how long it took, or why it failed.
-type Outcome = Result<Duration, String>;
-
-/// Sends `n` one-input requests, `per_second` of them a second (open loop), each on its own
-/// task; counts answers as they come and checks each is its own.
-fn open_loop(
-    client: &Client,
-    n: usize,
-    per_second: u64,
-    answered: Arc<AtomicUsize>,
-) -> tokio::task::JoinHandle<Vec<Outcome>> {
-    let client = client.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
-        let mut requests = Vec::with_capacity(n);
-        for i in 0..n {
-            tick.tick().await;
-            let (client, answered) = (client.clone(), answered.clone());
-            requests.push(tokio::spawn(async move {
-                let text = format!("request {i}");
-                let sent = Instant::now();
-                let reply = client
-                    .request(Task::Embed, &InferRequest::new([text.clone()]))
-                    .await
-                    .map_err(|e| format!("request {i}: {e}"))?;
-                answered.fetch_add(1, Ordering::Relaxed);
-                if reply.outputs != [Output::Text { text }] {
-                    return Err(format!("request {i} got {:?}", reply.outputs));
-                }
-                Ok(sent.elapsed())
-            }));
-        }
-        let mut outcomes = Vec::with_capacity(n);
-        for request in requests {
-            outcomes.push(request.await.unwrap());
-        }
-        outcomes
-    })
-}
-
-/// Every reply that reaches a producer's per-request inbox (`_INBOX.<id>`; PubAcks go to
-/// `_INBOX.<id>.<n>`), seen from a connection of its own: replies beyond one per inbox are
-/// duplicates. (While nats-server is down nothing is seen, so this is a lower bound.)
-struct ReplyCounter {
-    by_inbox: Arc<Mutex<HashMap<String, usize>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ReplyCounter {
-    async fn start(url: &str) -> ReplyCounter {
-        let options = async_nats::ConnectOptions::new().retry_on_initial_connect();
-        let nats = options.connect(url).await.unwrap();
-        let mut replies = nats.subscribe("_INBOX.*").await.unwrap();
-        nats.flush().await.unwrap();
-        let by_inbox = Arc::new(Mutex::new(HashMap::new()));
-        let counts = by_inbox.clone();
-        let task = tokio::spawn(async move {
-            let _nats = nats;
-            while let Some(reply) = replies.next().await {
-                // A pull's inbox is `_INBOX.<id>` too: skip the requests JetStream delivers
-                // to processors (they carry the requester's `Reply-Inbox`).
-                let delivery = reply
-                    .headers
-                    .as_ref()
-                    .is_some_and(|h| h.get(headers::REPLY_INBOX).is_some());
-                // And a pull's own status messages (408 expired, 100 heartbeat).
-                if delivery || reply.status.is_some_and(|status| status.as_u16() != 200) {
-                    continue;
-                }
-                *counts
-                    .lock()
-                    .unwrap()
-                    .entry(reply.subject.to_string())
-                    .or_insert(0) += 1;
-            }
-        });
-        ReplyCounter { by_inbox, task }
-    }
-
-    /// (inboxes answered, replies beyond the first on each).
-    fn counts(&self) -> (usize, usize) {
-        let by_inbox = self.by_inbox.lock().unwrap();
-        let extra = by_inbox.values().map(|n| n - 1).sum();
-        (by_inbox.len(), extra)
-    }
-}
-
-impl Drop for ReplyCounter {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Checks every request succeeded; prints and returns (median, slowest) latency.
-fn assert_all_ok(what: &str, outcomes: &[Outcome]) -> (Duration, Duration) {
-    let failed: Vec<&String> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} failed (lost), first: {:?}",
-        failed.len(),
-        outcomes.len(),
-        failed.first()
-    );
-    let mut latencies: Vec<Duration> = outcomes.iter().map(|r| *r.as_ref().unwrap()).collect();
-    latencies.sort();
-    let (median, slowest) = (
-        latencies[latencies.len() / 2],
-        latencies[latencies.len() - 1],
-    );
-    (median, slowest)
-}
-
-/// Waits until `answered` reaches `at_least` (load is flowing).
-async fn wait_for(answered: &AtomicUsize, at_least: usize) {
-    let started = Instant::now();
-    while answered.load(Ordering::Relaxed) < at_least {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "load never flowed"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+mod common;
+use common::load::{
+    assert_all_ok, client, open_loop, processor, producer_binary, wait_for, ReplyCounter,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_answers_every_request_when_a_processor_is_killed() {
@@ -253,7 +106,7 @@ async fn sigterm_under_load(transport: &str, client_transport: Transport) -> usi
     let timeout = ClientOptions::default().timeout;
     let retried = outcomes
         .iter()
-        .filter(|outcome| outcome.as_ref().is_ok_and(|took| *took >= timeout))
+        .filter(|outcome| outcome.as_ref().is_ok_and(|(_, took)| *took >= timeout))
         .count();
     println!(
         "{transport} SIGTERM under load: 5000 of 5000 answered, {retried} after a producer \
@@ -285,16 +138,6 @@ async fn jetstream_sigterm_under_load_answers_every_request_and_exits_0() {
 }
 
 /// The `producer` binary, built beside this crate's binaries by `cargo test --workspace`.
-fn producer_binary() -> std::path::PathBuf {
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_processor")).with_file_name("producer");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p producer` first)",
-        path.display()
-    );
-    path
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_cli_prints_every_line_when_a_processor_is_killed() {
     let server = NatsServer::start_jetstream();

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use testkit::ChildProcess;
 
+pub mod load;
+
 use serde_json::Value;
 
 /// `processor/tests/fixtures`.

@@ -1,0 +1,235 @@
+//! The production shape for durable requests: three nats-servers clustered by routes, each
+//! with its own JetStream store, the request stream and its consumer replicated on all three
+//! (`jetstream.replicas = auto`, the default), two sim processors and a producer, every
+//! setting at its default. Under load, a node is SIGKILLed (the one the processors are
+//! attached to; the stream leader's) or all three are restarted one after another: every
+//! request is answered, none is lost, and the longest time without an answer stays within the
+//! producer's default timeout. Duplicates (a reply sent twice) are counted, not forbidden.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use producer::{ClientOptions, Transport};
+use testkit::NatsCluster;
+
+mod common;
+use common::load::{
+    assert_all_ok, client, longest_stall, open_loop, processor, producer_binary, wait_for,
+    ReplyCounter,
+};
+
+const STREAM: &str = "BERT_REQUESTS";
+const CONSUMER: &str = "bert-processors";
+
+/// One-input requests a second: about a fifth of what the two sim processors can take, so
+/// a stall shows as a backlog, not as saturation.
+const RATE: u64 = 500;
+
+/// Which node leads the request stream and its consumer (server names `n1`...), after
+/// checking both have a copy on each of the three nodes.
+async fn leaders(url: &str) -> (String, String) {
+    let nats = async_nats::connect(url).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats);
+    let mut stream = jetstream.get_stream(STREAM).await.unwrap();
+    let info = stream.info().await.unwrap().clone();
+    assert_eq!(info.config.num_replicas, 3, "replicas = auto on a cluster");
+    let cluster = info.cluster.expect("a clustered stream");
+    assert_eq!(cluster.replicas.len(), 2, "two followers: {cluster:?}");
+    let mut consumer = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(CONSUMER)
+        .await
+        .unwrap();
+    let consumer_cluster = consumer
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .clone()
+        .expect("a clustered consumer");
+    assert_eq!(
+        consumer_cluster.replicas.len(),
+        2,
+        "the consumer is replicated like its stream: {consumer_cluster:?}"
+    );
+    (
+        cluster.leader.expect("a stream leader"),
+        consumer_cluster.leader.expect("a consumer leader"),
+    )
+}
+
+/// Prints one fault's figures in the README's terms and checks them: every request
+/// answered, and no gap without answers longer than the producer's default timeout.
+fn report(what: &str, outcomes: &[common::load::Outcome], counter: &ReplyCounter, fault: Instant) {
+    let (median, slowest) = assert_all_ok(what, outcomes);
+    let (stall, stall_began) = longest_stall(outcomes);
+    let (inboxes, duplicates) = counter.counts();
+    let timeout = ClientOptions::default().timeout;
+    println!(
+        "{what}: {n} of {n} answered, lost 0, duplicates seen {duplicates} ({inboxes} inboxes \
+         seen), median {median:?}, slowest {slowest:?}, longest stall {stall:?} (began \
+         {:?} after the fault)",
+        stall_began.saturating_duration_since(fault),
+        n = outcomes.len(),
+    );
+    assert!(
+        stall < timeout,
+        "{what}: no answer for {stall:?}, beyond the producer's {timeout:?} timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_node_the_processors_are_attached_to_loses_nothing() {
+    let mut cluster = NatsCluster::start(3);
+    // Each processor is given node 1 only, and learns the others from the cluster.
+    let first = processor(&cluster.node(0).url(), "jetstream", &[]);
+    let second = processor(&cluster.node(0).url(), "jetstream", &[]);
+    leaders(&cluster.node(1).url()).await;
+    let counter = ReplyCounter::start(&cluster.node(2).url()).await;
+    let client = client(&cluster.node(1).url(), Transport::Jetstream).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load = open_loop(&client, 3000, RATE, answered.clone());
+    wait_for(&answered, 1000).await;
+    cluster.node_mut(0).stop();
+    let fault = Instant::now();
+    let outcomes = load.await.unwrap();
+    report(
+        "SIGKILL of the processors' node",
+        &outcomes,
+        &counter,
+        fault,
+    );
+    for processor in [&first, &second] {
+        assert!(!processor.log().contains("processor stopped"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_stream_leaders_node_loses_nothing() {
+    let mut cluster = NatsCluster::start(3);
+    // The stream is created by the first processor; its leader is then known.
+    let probe = processor(&cluster.node(0).url(), "jetstream", &[]);
+    let (stream_leader, consumer_leader) = leaders(&cluster.node(0).url()).await;
+    let doomed = cluster.index_of(&stream_leader);
+    // Processors on one of the other nodes, the producer on the third.
+    let others: Vec<usize> = (0..3).filter(|&i| i != doomed).collect();
+    drop(probe);
+    let _first = processor(&cluster.node(others[0]).url(), "jetstream", &[]);
+    let _second = processor(&cluster.node(others[0]).url(), "jetstream", &[]);
+    let counter = ReplyCounter::start(&cluster.node(others[0]).url()).await;
+    let client = client(&cluster.node(others[1]).url(), Transport::Jetstream).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load = open_loop(&client, 3000, RATE, answered.clone());
+    wait_for(&answered, 1000).await;
+    cluster.node_mut(doomed).stop();
+    let fault = Instant::now();
+    let outcomes = load.await.unwrap();
+    report(
+        &format!(
+            "SIGKILL of the stream leader ({stream_leader}; consumer leader {consumer_leader})"
+        ),
+        &outcomes,
+        &counter,
+        fault,
+    );
+    // A new leader took over on a surviving node.
+    let (new_leader, _) = leaders(&cluster.node(others[0]).url()).await;
+    assert_ne!(new_leader, stream_leader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_node_under_load_loses_nothing() {
+    let cluster = NatsCluster::start(3);
+    // Processors and producer are given every node, as a deployment's clients would be.
+    let _first = processor(&cluster.urls(), "jetstream", &[]);
+    let _second = processor(&cluster.urls(), "jetstream", &[]);
+    leaders(&cluster.node(0).url()).await;
+    let counter = ReplyCounter::start(&cluster.urls()).await;
+    let client = client(&cluster.urls(), Transport::Jetstream).await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let requests = 5000;
+    let load = open_loop(&client, requests, RATE, answered.clone());
+    let load_began = Instant::now();
+    wait_for(&answered, 500).await;
+    // As an operator would: one node at a time (SIGTERM, start), the next once the cluster
+    // is healthy again.
+    let fault = Instant::now();
+    let rolled = tokio::task::spawn_blocking(move || {
+        let mut cluster = cluster;
+        let mut took = Vec::new();
+        for i in 0..cluster.len() {
+            let began = Instant::now();
+            cluster.node_mut(i).restart_gracefully();
+            cluster.wait_healthy(Duration::from_secs(60));
+            took.push(began.elapsed());
+        }
+        (cluster, took)
+    });
+    let (_cluster, took) = rolled.await.unwrap();
+    let rolled_at = load_began.elapsed();
+    let load_lasts = Duration::from_micros(requests as u64 * 1_000_000 / RATE);
+    assert!(
+        rolled_at < load_lasts,
+        "the rolling restart ({rolled_at:?}) outlasted the load ({load_lasts:?}): send more"
+    );
+    let outcomes = load.await.unwrap();
+    println!("rolling restart: each node back and healthy after {took:?}");
+    report("rolling restart of n1, n2, n3", &outcomes, &counter, fault);
+}
+
+/// The producer CLI as a user runs it against a cluster: 3,000 lines, processors on node 1,
+/// the CLI on node 2, node 1 SIGKILLed 2 s in. Every line is printed with its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_cli_prints_every_line_when_a_node_is_killed() {
+    let mut cluster = NatsCluster::start(3);
+    let _processors = [
+        processor(&cluster.node(0).url(), "jetstream", &[]),
+        processor(&cluster.node(0).url(), "jetstream", &[]),
+    ];
+    let lines: String = (0..3000).map(|i| format!("line {i}\n")).collect();
+    let started = Instant::now();
+    let mut cli = std::process::Command::new(producer_binary())
+        .args([
+            "--server",
+            &cluster.node(1).url(),
+            "--transport",
+            "jetstream",
+            "--chunk",
+            "1",
+            "embed",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = cli.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, lines.as_bytes()).unwrap();
+    drop(stdin);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.node_mut(0).stop();
+    let output = tokio::task::spawn_blocking(move || cli.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{} lines printed",
+        String::from_utf8_lossy(&output.stderr),
+        stdout.lines().count()
+    );
+    let printed: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(printed.len(), 3000);
+    for (i, line) in printed.iter().enumerate() {
+        let text = format!("line {i}");
+        assert_eq!(line, &serde_json::json!({"input": text, "text": text}));
+    }
+    println!(
+        "producer CLI, node 1 SIGKILLed 2 s in: 3000 of 3000 lines in {:?}",
+        started.elapsed()
+    );
+}

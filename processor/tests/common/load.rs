@@ -1,0 +1,185 @@
+//! Load and fault helpers for the reliability tests (durable.rs, cluster.rs): sim processors
+//! as child processes with every reliability setting at its default, an open-loop producer,
+//! and a counter of the replies that reach producers' inboxes (to count duplicates).
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use producer::{Client, ClientOptions, Transport};
+use schemas::{InferRequest, Output, Task};
+use testkit::ChildProcess;
+
+/// Starts a `processor` binary serving the `sim` model on `url` (about 1,200 one-input
+/// requests/s); every reliability setting is left at its default.
+pub fn processor(url: &str, transport: &str, extra: &[(&str, &str)]) -> ChildProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_processor"));
+    command
+        .env("RUST_LOG", "info")
+        .env("PROCESSOR_NATS__URL", url)
+        .env("PROCESSOR_HTTP__LISTEN", "127.0.0.1:0")
+        .env("PROCESSOR_SERVICE__TRANSPORT", transport)
+        .env("PROCESSOR_MODEL__KIND", "sim")
+        .env("PROCESSOR_MODEL__BATCH_MS", "20")
+        .env("PROCESSOR_MODEL__ITEM_MS", "0.2")
+        .env("PROCESSOR_BATCH__MAX_SIZE", "32");
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    ChildProcess::spawn(command, "processor ready", Duration::from_secs(30))
+}
+
+/// A producer client with every option at its default but the transport.
+pub async fn client(url: &str, transport: Transport) -> Client {
+    let options = ClientOptions {
+        transport,
+        ..ClientOptions::default()
+    };
+    Client::connect_with(url, options).await.unwrap()
+}
+
+/// One request's outcome: when it was sent and how long it took, or why it failed.
+pub type Outcome = Result<(Instant, Duration), String>;
+
+/// Sends `n` one-input requests, `per_second` of them a second (open loop), each on its own
+/// task; counts answers as they come and checks each is its own.
+pub fn open_loop(
+    client: &Client,
+    n: usize,
+    per_second: u64,
+    answered: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<Vec<Outcome>> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+        let mut requests = Vec::with_capacity(n);
+        for i in 0..n {
+            tick.tick().await;
+            let (client, answered) = (client.clone(), answered.clone());
+            requests.push(tokio::spawn(async move {
+                let text = format!("request {i}");
+                let sent = Instant::now();
+                let reply = client
+                    .request(Task::Embed, &InferRequest::new([text.clone()]))
+                    .await
+                    .map_err(|e| format!("request {i}: {e}"))?;
+                answered.fetch_add(1, Ordering::Relaxed);
+                if reply.outputs != [Output::Text { text }] {
+                    return Err(format!("request {i} got {:?}", reply.outputs));
+                }
+                Ok((sent, sent.elapsed()))
+            }));
+        }
+        let mut outcomes = Vec::with_capacity(n);
+        for request in requests {
+            outcomes.push(request.await.unwrap());
+        }
+        outcomes
+    })
+}
+
+/// Every reply that reaches a producer's durable-request inbox (`_INBOX.<client>.reply.<id>`),
+/// seen from a connection of its own: replies beyond one per inbox are duplicates. (While
+/// nats-server is down nothing is seen, so this is a lower bound.)
+pub struct ReplyCounter {
+    by_inbox: Arc<Mutex<HashMap<String, usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplyCounter {
+    /// Watches from `url` (one server, or several comma-separated).
+    pub async fn start(url: &str) -> ReplyCounter {
+        let options = async_nats::ConnectOptions::new().retry_on_initial_connect();
+        let urls: Vec<&str> = url.split(',').collect();
+        let nats = options.connect(urls.as_slice()).await.unwrap();
+        let mut replies = nats.subscribe("_INBOX.*.reply.*").await.unwrap();
+        nats.flush().await.unwrap();
+        let by_inbox = Arc::new(Mutex::new(HashMap::new()));
+        let counts = by_inbox.clone();
+        let task = tokio::spawn(async move {
+            let _nats = nats;
+            while let Some(reply) = replies.next().await {
+                *counts
+                    .lock()
+                    .unwrap()
+                    .entry(reply.subject.to_string())
+                    .or_insert(0) += 1;
+            }
+        });
+        ReplyCounter { by_inbox, task }
+    }
+
+    /// (inboxes answered, replies beyond the first on each).
+    pub fn counts(&self) -> (usize, usize) {
+        let by_inbox = self.by_inbox.lock().unwrap();
+        let extra = by_inbox.values().map(|n| n - 1).sum();
+        (by_inbox.len(), extra)
+    }
+}
+
+impl Drop for ReplyCounter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Checks every request succeeded; prints and returns (median, slowest) latency.
+pub fn assert_all_ok(what: &str, outcomes: &[Outcome]) -> (Duration, Duration) {
+    let failed: Vec<&String> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} failed (lost), first: {:?}",
+        failed.len(),
+        outcomes.len(),
+        failed.first()
+    );
+    let mut latencies: Vec<Duration> = outcomes.iter().map(|r| r.as_ref().unwrap().1).collect();
+    latencies.sort();
+    let (median, slowest) = (
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+    );
+    (median, slowest)
+}
+
+/// Waits until `answered` reaches `at_least` (load is flowing).
+pub async fn wait_for(answered: &AtomicUsize, at_least: usize) {
+    let started = Instant::now();
+    while answered.load(Ordering::Relaxed) < at_least {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "load never flowed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The longest time in which no request got its answer (answers come every few ms under
+/// load; a fault shows as a gap), and when that gap began.
+pub fn longest_stall(outcomes: &[Outcome]) -> (Duration, Instant) {
+    let mut answered: Vec<Instant> = outcomes
+        .iter()
+        .filter_map(|outcome| outcome.as_ref().ok())
+        .map(|(sent, took)| *sent + *took)
+        .collect();
+    answered.sort();
+    answered
+        .windows(2)
+        .map(|pair| (pair[1] - pair[0], pair[0]))
+        .max()
+        .expect("at least two answers")
+}
+
+/// The `producer` CLI built beside the processor binary.
+pub fn producer_binary() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_processor")).with_file_name("producer");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p producer` first)",
+        path.display()
+    );
+    path
+}
