@@ -4,6 +4,7 @@
 //!
 //!   cargo build --release -p processor -p loadtest
 //!   target/release/loadtest --workers 1,2,4,8 --model sim --duration 10s --json out.json --plot out.svg
+//!   target/release/loadtest --cluster 3 --transport jetstream --replicas 1,3 --workers 2
 
 mod baseline;
 mod drive;
@@ -15,8 +16,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use producer::{Client, ClientOptions};
-use testkit::{ChildProcess, NatsServer};
+use producer::{Client, ClientOptions, Transport};
+use testkit::{ChildProcess, NatsCluster, NatsServer};
 
 use crate::drive::Load;
 use crate::report::{Report, Run};
@@ -74,9 +75,22 @@ pub struct Cli {
     /// Inputs per request.
     #[arg(long, default_value_t = 1)]
     inputs_per_request: usize,
-    /// Use this NATS server (e.g. a cluster) instead of starting one per worker count.
-    #[arg(long)]
+    /// Use this NATS server (e.g. a cluster) instead of starting one per worker count. Several
+    /// URLs, comma-separated, are shared out among the processors.
+    #[arg(long, conflicts_with = "cluster")]
     server: Option<String>,
+    /// Start a cluster of this many nats-servers (routes and JetStream on loopback) per worker
+    /// count instead of one server; processor i is attached to node i mod N (and learns the
+    /// others from it), the producer knows every node.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+    cluster: u16,
+    /// How requests travel: core request/reply, or the durable JetStream work queue.
+    #[arg(long, value_enum, default_value_t = Transport::Core)]
+    transport: Transport,
+    /// JetStream: the stream's replicas to measure, comma-separated (`auto` or 1-5); each is
+    /// its own stream and its own row, on the same servers.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    replicas: Vec<String>,
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -111,6 +125,83 @@ impl Cli {
                 let url = server.url();
                 (Some(server), url)
             }
+        }
+    }
+
+    /// The NATS servers the processors of one worker count use: `--server`, a fresh
+    /// `--cluster`, or one fresh server (with JetStream when the transport needs it).
+    fn bus(&self, pids: &mut Vec<u32>) -> Bus {
+        let bus = match (&self.server, self.cluster) {
+            (Some(urls), _) => Bus::Given(urls.split(',').map(str::to_string).collect()),
+            (None, 1) if self.transport == Transport::Core => Bus::Server(NatsServer::start()),
+            (None, 1) => Bus::Server(NatsServer::start_jetstream()),
+            (None, nodes) => Bus::Cluster(NatsCluster::start(nodes as usize)),
+        };
+        pids.extend(bus.pids());
+        bus
+    }
+
+    /// The replica settings to measure: `auto` or numbers with JetStream; none with core.
+    fn replica_settings(&self) -> anyhow::Result<Vec<Option<String>>> {
+        if self.transport == Transport::Core {
+            return Ok(vec![None]);
+        }
+        self.replicas
+            .iter()
+            .map(|r| match r.trim() {
+                "auto" => Ok(Some("auto".to_string())),
+                n => match n.parse::<usize>() {
+                    Ok(count) if (1..=5).contains(&count) => Ok(Some(count.to_string())),
+                    _ => anyhow::bail!("--replicas: {r:?} is not `auto` or a number from 1 to 5"),
+                },
+            })
+            .collect()
+    }
+}
+
+/// The NATS servers of one measurement.
+enum Bus {
+    /// `--server`: URLs of servers this tool did not start.
+    Given(Vec<String>),
+    /// A server started for the measurement.
+    Server(NatsServer),
+    /// A cluster started for the measurement.
+    Cluster(NatsCluster),
+}
+
+impl Bus {
+    /// Every server's URL, comma-separated (what the producer connects to).
+    fn urls(&self) -> String {
+        match self {
+            Bus::Given(urls) => urls.join(","),
+            Bus::Server(server) => server.url(),
+            Bus::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    /// The one server processor `i` is given (it learns the rest of a cluster from it).
+    fn url_for(&self, i: usize) -> String {
+        match self {
+            Bus::Given(urls) => urls[i % urls.len()].clone(),
+            Bus::Server(server) => server.url(),
+            Bus::Cluster(cluster) => cluster.node(i % cluster.len()).url(),
+        }
+    }
+
+    /// Servers in the bus.
+    fn nodes(&self) -> usize {
+        match self {
+            Bus::Given(urls) => urls.len(),
+            Bus::Server(_) => 1,
+            Bus::Cluster(cluster) => cluster.len(),
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Bus::Given(_) => Vec::new(),
+            Bus::Server(server) => vec![server.pid()],
+            Bus::Cluster(cluster) => (0..cluster.len()).map(|i| cluster.node(i).pid()).collect(),
         }
     }
 }
@@ -186,44 +277,67 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let first_load = cli.loads(cli.workers.first().copied().unwrap_or(1), &baselines)[0];
     let mut report = Report::new(&cli, first_load, baselines);
     report.pids = pids;
+    let replica_settings = cli.replica_settings()?;
     for &workers in &cli.workers {
         let loads = cli.loads(workers, &report.baselines);
-        let runs = measure_workers(
-            &cli,
-            &processor_bin,
-            &inputs,
-            &loads,
-            workers,
-            &mut report.pids,
-        )
-        .await?;
-        for run in runs {
-            report.print_row(&run);
-            report.runs.push(run);
+        let bus = cli.bus(&mut report.pids);
+        for replicas in &replica_settings {
+            let setup = Setup {
+                workers,
+                bus: &bus,
+                replicas: replicas.as_deref(),
+            };
+            let runs = measure_workers(
+                &cli,
+                &processor_bin,
+                &inputs,
+                &loads,
+                setup,
+                &mut report.pids,
+            )
+            .await?;
+            for run in runs {
+                report.print_row(&run);
+                report.runs.push(run);
+            }
         }
     }
     report.finish(&cli)
 }
 
-/// One worker count: a server (unless given), `workers` processors, then for each load a
-/// warm-up and a measurement.
+/// What one set of processors runs on.
+#[derive(Clone, Copy)]
+struct Setup<'a> {
+    workers: usize,
+    bus: &'a Bus,
+    /// JetStream: the stream's `jetstream.replicas` (`auto` or a number).
+    replicas: Option<&'a str>,
+}
+
+/// One worker count (and replica setting): `workers` processors on `bus`, then for each load
+/// a warm-up and a measurement.
 async fn measure_workers(
     cli: &Cli,
     processor_bin: &std::path::Path,
     inputs: &[String],
     loads: &[Load],
-    workers: usize,
+    setup: Setup<'_>,
     pids: &mut Vec<u32>,
 ) -> anyhow::Result<Vec<Run>> {
-    let (server, url) = cli.nats_server(pids);
-    // A prefix of its own, so that runs against a shared server do not mix.
-    let prefix = format!("loadtest{}w{workers}", std::process::id());
+    let Setup { workers, bus, .. } = setup;
+    let url = bus.urls();
+    // A prefix (and with JetStream a stream) of its own, so that runs do not mix.
+    let prefix = format!(
+        "loadtest{}w{workers}r{}",
+        std::process::id(),
+        setup.replicas.unwrap_or("0")
+    );
     let mut processors = Vec::with_capacity(workers);
     let starting = std::time::Instant::now();
-    for _ in 0..workers {
+    for i in 0..workers {
         // A GPU processor compiles and autotunes its kernels before it reports ready.
         let process = ChildProcess::spawn(
-            processor_command(cli, processor_bin, &url, &prefix),
+            processor_command(cli, processor_bin, &bus.url_for(i), &prefix, setup.replicas),
             "processor ready",
             Duration::from_secs(600),
         );
@@ -233,6 +347,7 @@ async fn measure_workers(
     let ready_s = starting.elapsed().as_secs_f64();
     let options = ClientOptions {
         prefix: prefix.clone(),
+        transport: cli.transport,
         // Overload: the producer's default, so that "no reply" means what a user would see.
         timeout: Duration::from_secs(if cli.overload.is_some() { 10 } else { 30 }),
         retries: 0,
@@ -241,7 +356,12 @@ async fn measure_workers(
     let client = Client::connect_with(&url, options)
         .await
         .with_context(|| format!("connecting to {}", schemas::redact_server_urls(&url)))?;
-    let nats = async_nats::connect(&url).await?;
+    let servers: Vec<&str> = url.split(',').collect();
+    let nats = async_nats::connect(servers.as_slice()).await?;
+    let stream_replicas = match setup.replicas {
+        Some(_) => Some(stream_replicas(&nats, &prefix).await?),
+        None => None,
+    };
 
     let mut runs = Vec::with_capacity(loads.len());
     for &load in loads {
@@ -271,6 +391,8 @@ async fn measure_workers(
         let after = report::batch_counters(&nats, &prefix).await;
         let mut run = Run::new(workers, load, cli, outcome, before, after);
         run.ready_s = ready_s;
+        run.nats_servers = bus.nodes();
+        run.stream_replicas = stream_replicas;
         run.peak_rss_mib = processors
             .iter()
             .map(|p| p.memory_mib().1)
@@ -284,11 +406,36 @@ async fn measure_workers(
     for mut process in processors {
         tokio::task::spawn_blocking(move || process.wait(Duration::from_secs(60))).await?;
     }
-    drop(server);
+    if setup.replicas.is_some() {
+        // The next setting gets a stream of its own; this one's is not needed any more.
+        let jetstream = async_nats::jetstream::new(nats);
+        let _ = jetstream.delete_stream(stream_name(&prefix)).await;
+    }
     Ok(runs)
 }
 
-fn processor_command(cli: &Cli, bin: &std::path::Path, url: &str, prefix: &str) -> Command {
+/// The JetStream stream (and consumer) name of a measurement's processors.
+fn stream_name(prefix: &str) -> String {
+    prefix.to_uppercase()
+}
+
+/// How many copies of its stream the processors made (what `auto` chose).
+async fn stream_replicas(nats: &async_nats::Client, prefix: &str) -> anyhow::Result<usize> {
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    let mut stream = jetstream
+        .get_stream(stream_name(prefix))
+        .await
+        .with_context(|| format!("the stream {}", stream_name(prefix)))?;
+    Ok(stream.info().await?.config.num_replicas)
+}
+
+fn processor_command(
+    cli: &Cli,
+    bin: &std::path::Path,
+    url: &str,
+    prefix: &str,
+    replicas: Option<&str>,
+) -> Command {
     let kind = match cli.model {
         ModelArg::Echo => "echo",
         ModelArg::Sim => "sim",
@@ -311,6 +458,13 @@ fn processor_command(cli: &Cli, bin: &std::path::Path, url: &str, prefix: &str) 
         .env("PROCESSOR_MODEL__BATCH_MS", cli.sim_batch_ms.to_string())
         .env("PROCESSOR_MODEL__ITEM_MS", cli.sim_item_ms.to_string())
         .env("PROCESSOR_BATCH__MAX_SIZE", cli.max_batch_size.to_string());
+    if let Some(replicas) = replicas {
+        command
+            .env("PROCESSOR_SERVICE__TRANSPORT", "jetstream")
+            .env("PROCESSOR_JETSTREAM__STREAM", stream_name(prefix))
+            .env("PROCESSOR_JETSTREAM__CONSUMER", stream_name(prefix))
+            .env("PROCESSOR_JETSTREAM__REPLICAS", replicas);
+    }
     if cli.overload.is_none() {
         // Throughput runs measure the pipeline at saturation, not its shedding.
         command

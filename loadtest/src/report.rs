@@ -13,6 +13,10 @@ use crate::{Cli, ModelArg};
 #[derive(Debug, serde::Serialize)]
 pub struct Run {
     pub workers: usize,
+    /// nats-servers the processors were spread over.
+    pub nats_servers: usize,
+    /// JetStream: copies of the request stream (`None`: core request/reply).
+    pub stream_replicas: Option<usize>,
     /// How requests were sent in this measurement.
     pub load: Load,
     /// Seconds from starting the processors (one after the other) until all were ready:
@@ -97,6 +101,8 @@ impl Run {
         );
         Run {
             workers,
+            nats_servers: 1,
+            stream_replicas: None,
             load,
             ready_s: 0.0,
             requests,
@@ -123,6 +129,20 @@ impl Run {
     }
 }
 
+impl Run {
+    /// The bus in words: `1 server`, `3 nodes, R3`.
+    fn bus(&self) -> String {
+        let servers = match self.nats_servers {
+            1 => "1 server".to_string(),
+            n => format!("{n} nodes"),
+        };
+        match self.stream_replicas {
+            Some(replicas) => format!("{servers}, R{replicas}"),
+            None => servers,
+        }
+    }
+}
+
 impl Report {
     /// An empty report; prints the baselines and the table header.
     pub fn new(cli: &Cli, load: Load, baselines: Baselines) -> Report {
@@ -138,8 +158,8 @@ impl Report {
             baselines.nats_echo_p50_ms
         );
         println!();
-        println!("| workers | in flight | requests/s | inputs/s | p50 ms | p90 ms | p99 ms | max ms | mean batch | errors | efficiency |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| workers | nats | in flight | requests/s | inputs/s | p50 ms | p90 ms | p99 ms | max ms | mean batch | errors | efficiency |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         Report {
             model: cli.model,
             model_path: cli.model_path.display().to_string(),
@@ -159,8 +179,9 @@ impl Report {
     /// Fills in the ratios and prints the run's row.
     pub fn print_row(&self, run: &Run) {
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {:.0}% |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {:.0}% |",
             run.workers,
+            run.bus(),
             match run.load {
                 Load::Closed { concurrency } => concurrency.to_string(),
                 Load::Open { rate } => format!("{rate}/s"),

@@ -72,7 +72,7 @@ fn a_short_echo_run_reports_every_figure_and_stops_its_processes() {
         &json,
     );
     assert!(
-        stdout.contains("| workers | in flight | requests/s |"),
+        stdout.contains("| workers | nats | in flight | requests/s |"),
         "{stdout}"
     );
 
@@ -178,5 +178,57 @@ fn a_bert_run_compares_the_service_with_the_bare_model_measured_by_processor_ben
         3,
         "baseline server, run server, one processor: {pids:?}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_cluster_run_spreads_processors_over_the_nodes_and_measures_each_replica_count() {
+    let dir = std::env::temp_dir().join(format!("loadtest-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("run.json");
+    let (stdout, report) = run_loadtest(
+        &[
+            "--cluster",
+            "3",
+            "--transport",
+            "jetstream",
+            "--replicas",
+            "1,auto",
+            "--workers",
+            "3",
+            "--model",
+            "echo",
+            "--duration",
+            "1s",
+            "--warmup",
+            "300ms",
+            "--concurrency",
+            "16",
+        ],
+        &json,
+    );
+    // One row per replica count, on the same three nodes; `auto` chose 3 on the cluster.
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{stdout}");
+    for (run, replicas) in runs.iter().zip([1, 3]) {
+        assert_eq!(run["nats_servers"], 3, "{run}");
+        assert_eq!(run["stream_replicas"], replicas, "{run}");
+        assert_eq!(run["errors"], 0, "{run}");
+        assert!(run["requests_per_s"].as_f64().unwrap() > 0.0, "{run}");
+        assert!(
+            stdout.contains(&format!("| 3 nodes, R{replicas} |")),
+            "{stdout}"
+        );
+    }
+    // The baseline's server, three nodes, and the three processors of each row: all gone.
+    let pids: Vec<u64> = report["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 1 + 3 + 2 * 3, "{pids:?}");
+    let alive: Vec<u64> = pids.into_iter().filter(|&pid| is_running(pid)).collect();
+    assert!(alive.is_empty(), "left running: {alive:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
