@@ -154,6 +154,9 @@ impl ReplyRouter {
                     let _ = waiter.send(message);
                 }
             }
+            // The connection was closed (or drained): every waiting request hears it now, and
+            // later ones are refused (`register`).
+            routes.lock().expect("reply routes").clear();
         });
         Ok(ReplyRouter {
             prefix,
@@ -163,7 +166,12 @@ impl ReplyRouter {
     }
 
     /// A fresh inbox and the replies that reach it, until the returned guard is dropped.
-    fn register(&self, id: &str) -> (String, Replies) {
+    fn register(&self, id: &str) -> Result<(String, Replies), Error> {
+        if self.task.is_finished() {
+            return Err(Error::Transport(
+                "the NATS connection is closed: no reply can arrive".into(),
+            ));
+        }
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
         self.waiting
             .lock()
@@ -174,7 +182,7 @@ impl ReplyRouter {
             id: id.to_string(),
             waiting: self.waiting.clone(),
         };
-        (format!("{}.{id}", self.prefix), replies)
+        Ok((format!("{}.{id}", self.prefix), replies))
     }
 }
 
@@ -203,6 +211,23 @@ impl Drop for Replies {
     }
 }
 
+/// Connection options for a server list as users write it (`nats://a:4222,b:4222`, with
+/// `user:password@` or `token@` in the URLs), and the URLs without the credentials, as
+/// async-nats takes several (a slice: it does not split a comma-separated string). Errors never
+/// repeat a secret.
+pub fn nats_options(urls: &str) -> Result<(async_nats::ConnectOptions, Vec<String>), String> {
+    let servers = schemas::ServerUrls::parse(urls)?;
+    let mut options = async_nats::ConnectOptions::new();
+    match servers.credentials {
+        Some(schemas::UrlCredentials::UserPassword { user, password }) => {
+            options = options.user_and_password(user, password);
+        }
+        Some(schemas::UrlCredentials::Token(token)) => options = options.token(token),
+        None => {}
+    }
+    Ok((options, servers.urls))
+}
+
 /// The outcome of one attempt, before retry decisions.
 enum Attempt {
     Done(Result<InferReply, Error>),
@@ -222,16 +247,9 @@ impl Client {
             url: schemas::redact_server_urls(url),
             message,
         };
-        let servers = schemas::ServerUrls::parse(url).map_err(failed)?;
-        let mut connect = async_nats::ConnectOptions::new().name("producer");
-        match servers.credentials.clone() {
-            Some(schemas::UrlCredentials::UserPassword { user, password }) => {
-                connect = connect.user_and_password(user, password);
-            }
-            Some(schemas::UrlCredentials::Token(token)) => connect = connect.token(token),
-            None => {}
-        }
+        let (connect, servers) = nats_options(url).map_err(failed)?;
         let nats = connect
+            .name("producer")
             .connect(servers.as_slice())
             .await
             .map_err(|e| failed(e.to_string()))?;
@@ -398,7 +416,7 @@ impl Client {
         parse_reply(&message)
     }
 
-    /// Publishes the request into the stream and waits for the reply on a fresh inbox. An
+    /// Publishes the request into the stream and waits for the reply on its own inbox. An
     /// attempt whose reply does not come within the timeout (the processor holding it died
     /// after replying into a dead connection, the server restarted...) is followed by another
     /// one with a new message id, so the stream's de-duplication does not swallow it; the
@@ -408,15 +426,24 @@ impl Client {
         subject: &str,
         payload: bytes::Bytes,
     ) -> Result<InferReply, Error> {
-        let router = self
-            .replies
-            .get_or_try_init(|| ReplyRouter::start(&self.nats))
-            .await?;
+        // Set up once per client; bounded by one attempt's timeout (while disconnected,
+        // async-nats would hold the subscription's flush until it reconnects).
+        let router = tokio::time::timeout(
+            self.options.timeout,
+            self.replies
+                .get_or_try_init(|| ReplyRouter::start(&self.nats)),
+        )
+        .await
+        .map_err(|_| Error::TimedOut {
+            subject: subject.to_string(),
+            timeout: self.options.timeout,
+            attempts: 0,
+        })??;
         // A unique id (NUID): the last token of the inbox, and the root of each attempt's
         // `Nats-Msg-Id`.
         let fresh = self.nats.new_inbox();
         let request_id = fresh.rsplit('.').next().unwrap_or(&fresh).to_string();
-        let (inbox, mut replies) = router.register(&request_id);
+        let (inbox, mut replies) = router.register(&request_id)?;
         let mut request_headers = HeaderMap::new();
         request_headers.insert(headers::CONTENT_TYPE, self.options.encoding.media_type());
         request_headers.insert(headers::REPLY_INBOX, inbox.as_str());

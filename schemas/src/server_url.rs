@@ -91,12 +91,6 @@ impl ServerUrls {
         }
         Ok(ServerUrls { urls, credentials })
     }
-
-    /// The URLs as async-nats takes several of them (a slice: it does not split a
-    /// comma-separated string).
-    pub fn as_slice(&self) -> &[String] {
-        &self.urls
-    }
 }
 
 fn url_credentials(url: &Url) -> Result<Option<UrlCredentials>, String> {

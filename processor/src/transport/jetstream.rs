@@ -105,6 +105,19 @@ impl Intake {
         let this = Arc::new(self);
         let room = Arc::new(Semaphore::new(this.capacity));
         while let Some(places) = this.reserve(&room, &stop).await {
+            if client.connection_state() != async_nats::connection::State::Connected {
+                // A pull now would only be queued and sent after the reconnection, to expire
+                // there unanswered: wait for the connection instead.
+                drop(places);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = pipeline.telemetry.next_connection() => {}
+                    _ = tokio::time::sleep(PULL_RETRY) => {}
+                }
+                continue;
+            }
+            // Made before the pull goes out, so a reconnection after it is not missed.
+            let reconnected = pipeline.telemetry.next_connection();
             let wanted = places.num_permits();
             let pull = this
                 .consumer
@@ -115,7 +128,11 @@ impl Intake {
                 .await;
             let failed = match pull {
                 // Messages delivered after `stop` are ours too: they are answered like the rest.
-                Ok(pull) => !this.take(pull, places, &client, &pipeline, &requests).await,
+                Ok(pull) => {
+                    !this
+                        .take(pull, places, reconnected, &client, &pipeline, &requests)
+                        .await
+                }
                 Err(err) => {
                     drop(places);
                     tracing::warn!(%err, "pulling from the JetStream consumer");
@@ -160,6 +177,7 @@ impl Intake {
         self: &Arc<Self>,
         mut pull: pull::Batch,
         mut places: OwnedSemaphorePermit,
+        reconnected: tokio::sync::futures::Notified<'_>,
         client: &async_nats::Client,
         pipeline: &Arc<Pipeline>,
         requests: &TaskTracker,
@@ -168,7 +186,6 @@ impl Intake {
         // connection and is not waited for (async-nats alone would wait 5 s more). A new
         // connection (to this server or, in a cluster, another) means the same, at once.
         let lost_at = Instant::now() + PULL_EXPIRY + PULL_LOST_AFTER;
-        let reconnected = pipeline.telemetry.next_connection();
         tokio::pin!(reconnected);
         while places.num_permits() > 0 {
             let message = tokio::select! {
@@ -489,35 +506,44 @@ async fn ensure_stream(
             },
             ..current.clone()
         };
+        let mut done = changed;
         match context.update_stream(&updated).await {
             Ok(_) => {}
-            // `auto` asked for more copies than the cluster can hold now (a server is down, or
-            // it has fewer than 3): keep the count the stream has, change the rest.
+            // `auto` asked for 3 copies, which the cluster cannot place now (a server is
+            // down): keep the count the stream has, change the rest; a later start tries again.
             Err(e)
                 if settings.replicas == Replicas::Auto
-                    && is_insufficient_resources(&e.to_string()) =>
+                    && current.num_replicas < replicas
+                    && too_few_peers(&e) =>
             {
                 tracing::warn!(
                     stream = %name,
                     replicas = current.num_replicas,
-                    wanted = replicas,
-                    "the cluster cannot hold {replicas} copies of the stream now: keeping {}",
+                    "the cluster cannot place {replicas} copies of the stream now ({e}): \
+                     keeping {}; a processor started later raises it",
                     current.num_replicas
                 );
                 let kept = stream::Config {
                     num_replicas: current.num_replicas,
                     ..updated
                 };
+                done = done
+                    .split(", ")
+                    .filter(|change| !change.starts_with("replicas"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 if kept != current {
                     context
                         .update_stream(&kept)
                         .await
-                        .map_err(|e| anyhow::anyhow!("stream {name}: changing {changed}: {e}"))?;
+                        .map_err(|e| anyhow::anyhow!("stream {name}: changing {done}: {e}"))?;
                 }
             }
-            Err(e) => return Err(anyhow::anyhow!("stream {name}: changing {changed}: {e}")),
+            Err(e) => return Err(anyhow::anyhow!("stream {name}: changing {done}: {e}")),
         }
-        tracing::info!(stream = %name, %changed, "updated the stream to the configuration");
+        if !done.is_empty() {
+            tracing::info!(stream = %name, changed = %done, "updated the stream to the configuration");
+        }
         stream = context
             .get_stream(name)
             .await
@@ -530,45 +556,63 @@ async fn ensure_stream(
 /// loss of any one of them, with a quorum (2 of 3) left to go on.
 const AUTO_REPLICAS: usize = 3;
 
-/// Gets the stream, or creates it as `wanted`. With `auto` replicas on a cluster of fewer
-/// JetStream servers than asked for, it is created with as many copies as the cluster holds.
+/// Gets the stream, or creates it as `wanted`. With `auto` replicas, a cluster that cannot
+/// place 3 copies (a server down, or fewer than 3 servers) is asked again for a few seconds
+/// (processors starting together can briefly overload the JetStream API, which answers with
+/// the same code), then the stream is created with 1 copy and a warning: 2 copies would need
+/// both servers for a quorum, surviving no loss while writing slower than 1.
 async fn create_stream(
     context: &async_nats::jetstream::Context,
     wanted: &stream::Config,
     setting: Replicas,
 ) -> anyhow::Result<stream::Stream> {
     let name = &wanted.name;
-    let mut config = wanted.clone();
+    let mut tries = 0;
     loop {
-        match context.get_or_create_stream(config.clone()).await {
-            Ok(stream) => {
-                if config.num_replicas < wanted.num_replicas {
-                    tracing::warn!(
-                        stream = %name,
-                        replicas = config.num_replicas,
-                        "the cluster cannot hold {} copies of the stream now: created with {}",
-                        wanted.num_replicas,
-                        config.num_replicas
-                    );
+        tries += 1;
+        match context.get_or_create_stream(wanted.clone()).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if setting == Replicas::Auto && wanted.num_replicas > 1 && too_few_peers(&e) => {
+                if tries < PLACEMENT_TRIES {
+                    tokio::time::sleep(PLACEMENT_RETRY).await;
+                    continue;
                 }
-                return Ok(stream);
-            }
-            Err(e)
-                if setting == Replicas::Auto
-                    && config.num_replicas > 1
-                    && is_insufficient_resources(&e.to_string()) =>
-            {
-                config.num_replicas -= 1;
+                tracing::warn!(
+                    stream = %name,
+                    "the cluster cannot place {} copies of the stream ({e}): creating it with \
+                     1; a processor started once the cluster can hold 3 raises it",
+                    wanted.num_replicas
+                );
+                let single = stream::Config {
+                    num_replicas: 1,
+                    ..wanted.clone()
+                };
+                return context
+                    .get_or_create_stream(single)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("stream {name}: {e}"));
             }
             Err(e) => return Err(anyhow::anyhow!("stream {name}: {e}")),
         }
     }
 }
 
-/// Whether JetStream refused a stream because it has too few servers (or too little room)
-/// for the copies asked for.
-fn is_insufficient_resources(error: &str) -> bool {
-    error.contains("insufficient resources") || error.contains("10023")
+/// Attempts at placing `auto`'s 3 copies before settling for 1, and the pause between them.
+const PLACEMENT_TRIES: u32 = 4;
+const PLACEMENT_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether JetStream refused a stream's placement: no suitable peers (10005, newer servers)
+/// or insufficient resources (10023, nats-server 2.9; also an overloaded API).
+fn too_few_peers(error: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    match error.kind() {
+        CreateStreamErrorKind::JetStream(e) => matches!(
+            e.error_code(),
+            ErrorCode::CLUSTER_NO_PEERS | ErrorCode::INSUFFICIENT_RESOURCES
+        ),
+        _ => false,
+    }
 }
 
 /// The durable pull consumer as configured: created if missing; an existing one is updated
