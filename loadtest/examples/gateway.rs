@@ -40,8 +40,9 @@ struct Gateway {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // One server or several, comma-separated (async-nats takes several as a slice).
-    let servers: Vec<&str> = args.server.split(',').collect();
-    let nats = async_nats::ConnectOptions::new()
+    let (options, servers) =
+        producer::nats_options(&args.server).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let nats = options
         .request_timeout(Some(Duration::from_secs(30)))
         .connect(servers.as_slice())
         .await?;

@@ -129,7 +129,7 @@ async fn nats_echo(
 ) -> anyhow::Result<(f64, f64)> {
     let (_server, url) = cli.nats_server(pids);
     let subject = format!("loadtest{}.echo", std::process::id());
-    let responder = async_nats::connect(&url).await?;
+    let responder = crate::connect(&url).await?;
     let mut requests = responder.subscribe(subject.clone()).await?;
     let echo = tokio::spawn(async move {
         while let Some(message) = requests.next().await {
@@ -138,7 +138,7 @@ async fn nats_echo(
             }
         }
     });
-    let client = async_nats::connect(&url).await?;
+    let client = crate::connect(&url).await?;
     let request =
         InferRequest::new((0..cli.inputs_per_request).map(|i| inputs[i % inputs.len()].clone()));
     let payload = bytes::Bytes::from(encode(Encoding::Cbor, &request)?);

@@ -132,7 +132,7 @@ impl Cli {
     /// `--cluster`, or one fresh server (with JetStream when the transport needs it).
     fn bus(&self, pids: &mut Vec<u32>) -> Bus {
         let bus = match (&self.server, self.cluster) {
-            (Some(urls), _) => Bus::Given(urls.split(',').map(str::to_string).collect()),
+            (Some(urls), _) => Bus::Given(urls.clone()),
             (None, 1) if self.transport == Transport::Core => Bus::Server(NatsServer::start()),
             (None, 1) => Bus::Server(NatsServer::start_jetstream()),
             (None, nodes) => Bus::Cluster(NatsCluster::start(nodes as usize)),
@@ -161,8 +161,8 @@ impl Cli {
 
 /// The NATS servers of one measurement.
 enum Bus {
-    /// `--server`: URLs of servers this tool did not start.
-    Given(Vec<String>),
+    /// `--server`: the URL(s) of servers this tool did not start, as given.
+    Given(String),
     /// A server started for the measurement.
     Server(NatsServer),
     /// A cluster started for the measurement.
@@ -173,25 +173,26 @@ impl Bus {
     /// Every server's URL, comma-separated (what the producer connects to).
     fn urls(&self) -> String {
         match self {
-            Bus::Given(urls) => urls.join(","),
+            Bus::Given(urls) => urls.clone(),
             Bus::Server(server) => server.url(),
             Bus::Cluster(cluster) => cluster.urls(),
         }
     }
 
-    /// The one server processor `i` is given (it learns the rest of a cluster from it).
+    /// The server(s) processor `i` is given: one node of a cluster this tool started (it
+    /// learns the others from it), or every server given.
     fn url_for(&self, i: usize) -> String {
         match self {
-            Bus::Given(urls) => urls[i % urls.len()].clone(),
+            Bus::Given(urls) => urls.clone(),
             Bus::Server(server) => server.url(),
             Bus::Cluster(cluster) => cluster.node(i % cluster.len()).url(),
         }
     }
 
-    /// Servers in the bus.
+    /// Servers in the bus (for `--server`: the URLs given).
     fn nodes(&self) -> usize {
         match self {
-            Bus::Given(urls) => urls.len(),
+            Bus::Given(urls) => urls.split(',').count(),
             Bus::Server(_) => 1,
             Bus::Cluster(cluster) => cluster.len(),
         }
@@ -356,8 +357,7 @@ async fn measure_workers(
     let client = Client::connect_with(&url, options)
         .await
         .with_context(|| format!("connecting to {}", schemas::redact_server_urls(&url)))?;
-    let servers: Vec<&str> = url.split(',').collect();
-    let nats = async_nats::connect(servers.as_slice()).await?;
+    let nats = connect(&url).await?;
     let stream_replicas = match setup.replicas {
         Some(_) => Some(stream_replicas(&nats, &prefix).await?),
         None => None,
@@ -412,6 +412,16 @@ async fn measure_workers(
         let _ = jetstream.delete_stream(stream_name(&prefix)).await;
     }
     Ok(runs)
+}
+
+/// A plain NATS connection to one server or several (comma-separated, credentials in the URL
+/// allowed).
+pub async fn connect(urls: &str) -> anyhow::Result<async_nats::Client> {
+    let (options, servers) = producer::nats_options(urls).map_err(|e| anyhow::anyhow!("{e}"))?;
+    options
+        .connect(servers.as_slice())
+        .await
+        .with_context(|| format!("connecting to {}", schemas::redact_server_urls(urls)))
 }
 
 /// The JetStream stream (and consumer) name of a measurement's processors.

@@ -179,7 +179,7 @@ impl Report {
     /// Fills in the ratios and prints the run's row.
     pub fn print_row(&self, run: &Run) {
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {:.0}% |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0}% |",
             run.workers,
             run.bus(),
             match run.load {
@@ -192,7 +192,12 @@ impl Report {
             run.p90_ms,
             run.p99_ms,
             run.max_ms,
-            run.mean_batch_size,
+            // JetStream processors have no service endpoint to report batches through.
+            if run.mean_batch_size > 0.0 {
+                format!("{:.1}", run.mean_batch_size)
+            } else {
+                "n/a".to_string()
+            },
             run.errors,
             self.efficiency(run) * 100.0
         );
