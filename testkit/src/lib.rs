@@ -409,6 +409,11 @@ impl ChildProcess {
         assert!(status.success(), "kill -TERM {} failed", self.pid());
     }
 
+    /// Whether it is still running (not exited, whatever the way).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("polling the child").is_none()
+    }
+
     /// Sends SIGKILL (a crash) and reaps the process.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
