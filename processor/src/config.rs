@@ -331,9 +331,9 @@ pub struct JetStreamConfig {
     pub max_age_s: u64,
     /// Window in which a retried publish with the same `Nats-Msg-Id` is dropped.
     pub duplicate_window_s: u64,
-    /// Stream replicas (the consumer follows the stream): `auto` gives 3 on a cluster (fewer
-    /// if it has fewer JetStream servers) and 1 on a single server, and never lowers an
-    /// existing stream's count; a number (1-5) is set exactly.
+    /// Stream replicas (the consumer follows the stream): `auto` gives 3 on a cluster (1, with
+    /// a warning, while the cluster cannot place 3) and 1 on a single server, and never lowers
+    /// an existing stream's count; a number (1-5) is set exactly.
     pub replicas: Replicas,
 }
 
@@ -342,8 +342,9 @@ pub struct JetStreamConfig {
 /// on a server that is lost for good, and pauses while it is down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Replicas {
-    /// 3 when the server is part of a cluster (or as many JetStream servers as it has, if
-    /// fewer), 1 otherwise. An existing stream with more is left as it is.
+    /// 3 when the server is part of a cluster, 1 otherwise; 1 with a warning when the
+    /// cluster cannot place 3 (a later start raises it). Never 2: both copies would be needed
+    /// for a quorum. An existing stream with more is left as it is.
     #[default]
     Auto,
     /// Exactly this many.
