@@ -148,7 +148,11 @@ impl NatsConfig {
     ) -> anyhow::Result<(async_nats::ConnectOptions, Vec<String>)> {
         let servers =
             schemas::ServerUrls::parse(&self.url).map_err(|e| anyhow::anyhow!("nats.url: {e}"))?;
-        let mut options = async_nats::ConnectOptions::new().name(name);
+        // Pinged every 5 s: a server lost without closing the socket (a host gone) is left
+        // for another within about 10 s, not the minutes of async-nats' 60 s default.
+        let mut options = async_nats::ConnectOptions::new()
+            .name(name)
+            .ping_interval(Duration::from_secs(5));
         match servers.credentials.clone() {
             Some(schemas::UrlCredentials::UserPassword { user, password }) => {
                 options = options.user_and_password(user, password);

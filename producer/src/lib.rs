@@ -119,6 +119,8 @@ pub struct Client {
     /// Where durable requests' replies arrive: one subscription for all of them, made at the
     /// first one.
     replies: Arc<tokio::sync::OnceCell<ReplyRouter>>,
+    /// Attempts sent after a first one, over all requests (see [`Client::retries_sent`]).
+    retried: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One wildcard subscription, `{prefix}.*`, for the replies of every durable request of a
@@ -129,7 +131,7 @@ pub struct Client {
 #[derive(Debug)]
 struct ReplyRouter {
     prefix: String,
-    waiting: Arc<Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>>>,
+    waiting: Arc<Mutex<Option<Routes>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -144,19 +146,20 @@ impl ReplyRouter {
         nats.flush()
             .await
             .map_err(|e| Error::Transport(e.to_string()))?;
-        let waiting: Arc<Mutex<HashMap<_, tokio::sync::mpsc::UnboundedSender<_>>>> = Arc::default();
+        let waiting = Arc::new(Mutex::new(Some(Routes::new())));
         let routes = waiting.clone();
         let task = tokio::spawn(async move {
             while let Some(message) = subscription.next().await {
                 let id = message.subject.rsplit('.').next().unwrap_or_default();
                 // A reply for a request no longer waiting (answered already) is dropped.
-                if let Some(waiter) = routes.lock().expect("reply routes").get(id) {
+                let routes = routes.lock().expect("reply routes");
+                if let Some(waiter) = routes.as_ref().and_then(|routes| routes.get(id)) {
                     let _ = waiter.send(message);
                 }
             }
             // The connection was closed (or drained): every waiting request hears it now, and
             // later ones are refused (`register`).
-            routes.lock().expect("reply routes").clear();
+            routes.lock().expect("reply routes").take();
         });
         Ok(ReplyRouter {
             prefix,
@@ -167,15 +170,14 @@ impl ReplyRouter {
 
     /// A fresh inbox and the replies that reach it, until the returned guard is dropped.
     fn register(&self, id: &str) -> Result<(String, Replies), Error> {
-        if self.task.is_finished() {
-            return Err(Error::Transport(
-                "the NATS connection is closed: no reply can arrive".into(),
-            ));
-        }
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
         self.waiting
             .lock()
             .expect("reply routes")
+            .as_mut()
+            .ok_or_else(|| {
+                Error::Transport("the NATS connection is closed: no reply can arrive".into())
+            })?
             .insert(id.to_string(), sender);
         let replies = Replies {
             receiver,
@@ -192,11 +194,14 @@ impl Drop for ReplyRouter {
     }
 }
 
+/// Waiting requests by the last token of their inbox; `None` once the connection closed.
+type Routes = HashMap<String, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>;
+
 /// The replies to one durable request; unregistered on drop.
 struct Replies {
     receiver: tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
     id: String,
-    waiting: Arc<Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>>>,
+    waiting: Arc<Mutex<Option<Routes>>>,
 }
 
 impl Replies {
@@ -207,9 +212,19 @@ impl Replies {
 
 impl Drop for Replies {
     fn drop(&mut self) {
-        self.waiting.lock().expect("reply routes").remove(&self.id);
+        if let Some(routes) = self.waiting.lock().expect("reply routes").as_mut() {
+            routes.remove(&self.id);
+        }
     }
 }
+
+/// The longest pause between two tries at storing one attempt in the stream.
+const STORE_RETRY_CAP: Duration = Duration::from_millis(250);
+
+/// How often the connection is pinged: a server lost without closing the socket (a host or
+/// network gone) is noticed after two unanswered pings, and the client moves to another.
+/// async-nats' default (60 s) would take minutes, longer than a request's whole budget.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Connection options for a server list as users write it (`nats://a:4222,b:4222`, with
 /// `user:password@` or `token@` in the URLs), and the URLs without the credentials, as
@@ -217,7 +232,7 @@ impl Drop for Replies {
 /// repeat a secret.
 pub fn nats_options(urls: &str) -> Result<(async_nats::ConnectOptions, Vec<String>), String> {
     let servers = schemas::ServerUrls::parse(urls)?;
-    let mut options = async_nats::ConnectOptions::new();
+    let mut options = async_nats::ConnectOptions::new().ping_interval(PING_INTERVAL);
     match servers.credentials {
         Some(schemas::UrlCredentials::UserPassword { user, password }) => {
             options = options.user_and_password(user, password);
@@ -262,7 +277,14 @@ impl Client {
             nats,
             options,
             replies: Arc::default(),
+            retried: Arc::default(),
         }
+    }
+
+    /// Attempts sent again so far, by every request of this client (and its clones): after a
+    /// timeout, "no responders" or `overloaded`. With JetStream each is a new message.
+    pub fn retries_sent(&self) -> u64 {
+        self.retried.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The options in use.
@@ -374,6 +396,10 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if attempt > 1 {
+                self.retried
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let error = match self.attempt(&subject, payload.clone(), attempt).await {
                 Attempt::Done(result) => return result,
                 Attempt::Retry(error) => error,
@@ -434,10 +460,11 @@ impl Client {
                 .get_or_try_init(|| ReplyRouter::start(&self.nats)),
         )
         .await
-        .map_err(|_| Error::TimedOut {
-            subject: subject.to_string(),
-            timeout: self.options.timeout,
-            attempts: 0,
+        .map_err(|_| {
+            Error::Transport(format!(
+                "could not subscribe for replies within {:?} (is NATS reachable?)",
+                self.options.timeout
+            ))
         })??;
         // A unique id (NUID): the last token of the inbox, and the root of each attempt's
         // `Nats-Msg-Id`.
@@ -457,6 +484,10 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if attempt > 1 {
+                self.retried
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let until = tokio::time::Instant::now() + self.options.timeout;
             let mut attempt_headers = request_headers.clone();
             let message_id = format!("{request_id}.{attempt}");
@@ -538,7 +569,9 @@ impl Client {
                     format!("the request stream is full ({message}); retry later"),
                 )));
             }
-            let pause = self.backoff(tries);
+            // Short pauses: the usual cause is a stream without a leader for the seconds of an
+            // election, and the request should be stored as soon as the new one is there.
+            let pause = self.backoff(tries).min(STORE_RETRY_CAP);
             if tokio::time::Instant::now() + pause >= until {
                 return Err(Error::Transport(format!(
                     "publishing to the stream on {subject} ({tries} tries): {message}"

@@ -105,19 +105,21 @@ impl Intake {
         let this = Arc::new(self);
         let room = Arc::new(Semaphore::new(this.capacity));
         while let Some(places) = this.reserve(&room, &stop).await {
+            // Made before the pull goes out, so a reconnection after it is not missed; the
+            // connection count tells a reconnection from a late event about an older one.
+            let reconnected = pipeline.telemetry.next_connection();
+            let connects = connections(&client);
             if client.connection_state() != async_nats::connection::State::Connected {
                 // A pull now would only be queued and sent after the reconnection, to expire
                 // there unanswered: wait for the connection instead.
                 drop(places);
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = pipeline.telemetry.next_connection() => {}
+                    _ = reconnected => {}
                     _ = tokio::time::sleep(PULL_RETRY) => {}
                 }
                 continue;
             }
-            // Made before the pull goes out, so a reconnection after it is not missed.
-            let reconnected = pipeline.telemetry.next_connection();
             let wanted = places.num_permits();
             let pull = this
                 .consumer
@@ -130,7 +132,14 @@ impl Intake {
                 // Messages delivered after `stop` are ours too: they are answered like the rest.
                 Ok(pull) => {
                     !this
-                        .take(pull, places, reconnected, &client, &pipeline, &requests)
+                        .take(
+                            pull,
+                            places,
+                            (reconnected, connects),
+                            &client,
+                            &pipeline,
+                            &requests,
+                        )
                         .await
                 }
                 Err(err) => {
@@ -173,26 +182,31 @@ impl Intake {
     /// Hands every message of one pull to a request task of its own, each with one of the
     /// places reserved for the pull; the places not used are freed when the pull ends.
     /// False if the pull failed (or was lost with the connection).
-    async fn take(
+    async fn take<'p>(
         self: &Arc<Self>,
         mut pull: pull::Batch,
         mut places: OwnedSemaphorePermit,
-        reconnected: tokio::sync::futures::Notified<'_>,
+        (reconnected, connects): (tokio::sync::futures::Notified<'p>, u64),
         client: &async_nats::Client,
-        pipeline: &Arc<Pipeline>,
+        pipeline: &'p Arc<Pipeline>,
         requests: &TaskTracker,
     ) -> bool {
         // The server ends the pull at its expiry; one that outlives it was lost with the
         // connection and is not waited for (async-nats alone would wait 5 s more). A new
         // connection (to this server or, in a cluster, another) means the same, at once.
         let lost_at = Instant::now() + PULL_EXPIRY + PULL_LOST_AFTER;
-        tokio::pin!(reconnected);
+        let mut reconnected = Box::pin(reconnected);
         while places.num_permits() > 0 {
             let message = tokio::select! {
                 _ = tokio::time::sleep_until(lost_at) => return false,
                 _ = &mut reconnected => {
-                    tracing::info!("reconnected to NATS: pulling again");
-                    return false;
+                    if connections(client) != connects {
+                        tracing::info!("reconnected to NATS: pulling again");
+                        return false;
+                    }
+                    // The event of a connection made before this pull: keep it.
+                    reconnected = Box::pin(pipeline.telemetry.next_connection());
+                    continue;
                 }
                 message = pull.next() => message,
             };
@@ -577,7 +591,8 @@ async fn create_stream(
                     tokio::time::sleep(PLACEMENT_RETRY).await;
                     continue;
                 }
-                tracing::warn!(
+                // Loud: the deployment is not as safe as asked for until a later start.
+                tracing::error!(
                     stream = %name,
                     "the cluster cannot place {} copies of the stream ({e}): creating it with \
                      1; a processor started once the cluster can hold 3 raises it",
@@ -602,7 +617,8 @@ const PLACEMENT_TRIES: u32 = 4;
 const PLACEMENT_RETRY: Duration = Duration::from_secs(1);
 
 /// Whether JetStream refused a stream's placement: no suitable peers (10005, newer servers)
-/// or insufficient resources (10023, nats-server 2.9; also an overloaded API).
+/// or insufficient resources (10023: what nats-server 2.9 answers with too few servers; also
+/// too little storage for the copies).
 fn too_few_peers(error: &async_nats::jetstream::context::CreateStreamError) -> bool {
     use async_nats::jetstream::context::CreateStreamErrorKind;
     use async_nats::jetstream::ErrorCode;
@@ -701,6 +717,14 @@ async fn ensure_consumer(
 /// else is final: the request's own fault, or its deadline.
 fn is_failure(error: &ErrorBody) -> bool {
     matches!(error.kind, ErrorCode::ModelFailed | ErrorCode::Internal)
+}
+
+/// Connections the client has made so far (the first one and every reconnection).
+fn connections(client: &async_nats::Client) -> u64 {
+    client
+        .statistics()
+        .connects
+        .load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// How long ago the server stored a message (zero if its clock is ahead of ours).
