@@ -18,8 +18,8 @@ use testkit::NatsCluster;
 
 mod common;
 use common::load::{
-    assert_all_ok, client, longest_stall, open_loop, processor, producer_binary, wait_for,
-    ReplyCounter,
+    assert_all_ok, client, longest_stall, open_loop, open_loop_while, processor, producer_binary,
+    wait_for, ReplyCounter,
 };
 
 /// One cluster test at a time.
@@ -28,54 +28,67 @@ static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const STREAM: &str = "BERT_REQUESTS";
 const CONSUMER: &str = "bert-processors";
 
+/// The longest gap without answers allowed: JetStream's leader election (nats-server 2.9:
+/// 4-9 s after the leader's last heartbeat, not configurable; 9.8 s the longest seen, with
+/// the processors' next pull) and a margin for a slow machine. Above the producer's 10 s
+/// timeout, an attempt caught by the whole election is re-sent (counted below).
+const STALL_BOUND: Duration = Duration::from_secs(12);
+
 /// One-input requests a second: about a fifth of what the two sim processors can take, so
 /// a stall shows as a backlog, not as saturation.
 const RATE: u64 = 500;
 
-/// Which node leads the request stream and its consumer (server names `n1`...), after
-/// checking both have a copy on each of the three nodes.
+/// Which node leads the request stream and its consumer (server names `n1`...), once both
+/// have 3 copies and a leader (an election may be under way: waited for, up to 20 s).
 async fn leaders(url: &str) -> (String, String) {
     let nats = async_nats::connect(url).await.unwrap();
     let jetstream = async_nats::jetstream::new(nats);
-    let mut stream = jetstream.get_stream(STREAM).await.unwrap();
-    let info = stream.info().await.unwrap().clone();
-    assert_eq!(info.config.num_replicas, 3, "replicas = auto on a cluster");
-    let cluster = info.cluster.expect("a clustered stream");
-    assert_eq!(cluster.replicas.len(), 2, "two followers: {cluster:?}");
-    let mut consumer = stream
-        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(CONSUMER)
-        .await
-        .unwrap();
-    let consumer_cluster = consumer
-        .info()
-        .await
-        .unwrap()
-        .cluster
-        .clone()
-        .expect("a clustered consumer");
-    assert_eq!(
-        consumer_cluster.replicas.len(),
-        2,
-        "the consumer is replicated like its stream: {consumer_cluster:?}"
-    );
-    (
-        cluster.leader.expect("a stream leader"),
-        consumer_cluster.leader.expect("a consumer leader"),
-    )
+    let started = Instant::now();
+    loop {
+        let mut stream = jetstream.get_stream(STREAM).await.unwrap();
+        let info = stream.info().await.unwrap().clone();
+        let mut consumer = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(CONSUMER)
+            .await
+            .unwrap();
+        let consumer_info = consumer.info().await.unwrap().clone();
+        // A leader and two current followers.
+        let leader = |cluster: Option<&async_nats::jetstream::stream::ClusterInfo>| {
+            cluster
+                .filter(|c| c.replicas.len() == 2)
+                .and_then(|c| c.leader.clone())
+        };
+        if let (3, Some(stream_leader), Some(consumer_leader)) = (
+            info.config.num_replicas,
+            leader(info.cluster.as_ref()),
+            leader(consumer_info.cluster.as_ref()),
+        ) {
+            return (stream_leader, consumer_leader);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "stream and consumer not at 3 copies with a leader: {info:?}\n{consumer_info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Prints one fault's figures in the README's terms and checks them: every request
-/// answered, no gap without answers as long as the producer's default timeout, and at most 1%
-/// of the requests answered only after it (their reply was lost: the producer re-sent them).
-fn report(what: &str, outcomes: &[common::load::Outcome], counter: &ReplyCounter, fault: Instant) {
+/// answered, no gap without answers beyond [`STALL_BOUND`], and at most 1% of the requests
+/// sent twice by the producer (their reply was lost with a node, or the
+/// election outlasted their attempt).
+fn report(
+    what: &str,
+    outcomes: &[common::load::Outcome],
+    client: &producer::Client,
+    counter: &ReplyCounter,
+    fault: Instant,
+) {
     let (median, slowest) = assert_all_ok(what, outcomes);
     let (stall, stall_began) = longest_stall(outcomes);
     let (inboxes, duplicates) = counter.counts();
     let timeout = ClientOptions::default().timeout;
-    let resent = outcomes
-        .iter()
-        .filter(|outcome| outcome.as_ref().is_ok_and(|(_, took)| *took >= timeout))
-        .count();
+    let resent = client.retries_sent() as usize;
     println!(
         "{what}: {n} of {n} answered, lost 0, {resent} after a re-send, duplicates seen \
          {duplicates} ({inboxes} inboxes seen), median {median:?}, slowest {slowest:?}, \
@@ -84,8 +97,8 @@ fn report(what: &str, outcomes: &[common::load::Outcome], counter: &ReplyCounter
         n = outcomes.len(),
     );
     assert!(
-        stall < timeout,
-        "{what}: no answer for {stall:?}, beyond the producer's {timeout:?} timeout"
+        stall < STALL_BOUND,
+        "{what}: no answer for {stall:?} (the producer's timeout is {timeout:?})"
     );
     assert!(
         resent * 100 <= outcomes.len(),
@@ -116,6 +129,7 @@ async fn killing_the_node_the_processors_and_producer_are_attached_to_loses_noth
              {stream_leader}, consumer leader {consumer_leader})"
         ),
         &outcomes,
+        &client,
         &counter,
         fault,
     );
@@ -151,6 +165,7 @@ async fn killing_the_stream_leaders_node_loses_nothing() {
             "SIGKILL of the stream leader ({stream_leader}; consumer leader {consumer_leader})"
         ),
         &outcomes,
+        &client,
         &counter,
         fault,
     );
@@ -170,9 +185,14 @@ async fn a_rolling_restart_of_every_node_under_load_loses_nothing() {
     let counter = ReplyCounter::start(&cluster.urls()).await;
     let client = client(&cluster.urls(), Transport::Jetstream).await;
     let answered = Arc::new(AtomicUsize::new(0));
-    let requests = 5000;
-    let load = open_loop(&client, requests, RATE, answered.clone());
-    let load_began = Instant::now();
+    // Load until the last node is back, and 5 s more.
+    let rolled_at = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let until = rolled_at.clone();
+    let load = open_loop_while(&client, RATE, answered.clone(), move |_| {
+        until
+            .get()
+            .is_none_or(|rolled| rolled.elapsed() < Duration::from_secs(5))
+    });
     wait_for(&answered, 500).await;
     // As an operator would: one node at a time (SIGTERM, start), the next once the cluster
     // is healthy again.
@@ -189,15 +209,16 @@ async fn a_rolling_restart_of_every_node_under_load_loses_nothing() {
         (cluster, took)
     });
     let (_cluster, took) = rolled.await.unwrap();
-    let rolled_at = load_began.elapsed();
-    let load_lasts = Duration::from_micros(requests as u64 * 1_000_000 / RATE);
-    assert!(
-        rolled_at < load_lasts,
-        "the rolling restart ({rolled_at:?}) outlasted the load ({load_lasts:?}): send more"
-    );
+    rolled_at.set(Instant::now()).unwrap();
     let outcomes = load.await.unwrap();
     println!("rolling restart: each node back and healthy after {took:?}");
-    report("rolling restart of n1, n2, n3", &outcomes, &counter, fault);
+    report(
+        "rolling restart of n1, n2, n3",
+        &outcomes,
+        &client,
+        &counter,
+        fault,
+    );
 }
 
 /// The producer CLI as a user runs it against a cluster: 3,000 lines, processors on node 1,
@@ -295,4 +316,31 @@ async fn auto_replicas_on_a_two_node_cluster_makes_one_copy_and_says_so() {
             text: "two nodes".into()
         }]
     );
+}
+
+/// A stream with 1 copy on a 3-node cluster (made by an older version, or while the
+/// cluster could not place 3) is raised to 3, the consumer with it, by the next processor
+/// that starts with `auto`; `auto` never lowers a count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_replicas_raise_a_single_copy_to_three() {
+    let _turn = TURN.lock().await;
+    let cluster = NatsCluster::start(3);
+    let first = processor(
+        &cluster.node(0).url(),
+        "jetstream",
+        &[("PROCESSOR_JETSTREAM__REPLICAS", "1")],
+    );
+    let nats = async_nats::connect(cluster.node(1).url()).await.unwrap();
+    let jetstream = async_nats::jetstream::new(nats);
+    let mut stream = jetstream.get_stream(STREAM).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().config.num_replicas, 1);
+    let second = processor(&cluster.node(1).url(), "jetstream", &[]);
+    assert!(
+        second.log_line("replicas 1 -> 3").is_some(),
+        "{}",
+        second.log()
+    );
+    // The stream and the consumer settle with a leader and two followers each.
+    leaders(&cluster.node(1).url()).await;
+    drop(first);
 }

@@ -52,11 +52,22 @@ pub fn open_loop(
     per_second: u64,
     answered: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<Vec<Outcome>> {
+    open_loop_while(client, per_second, answered, move |i| i < n)
+}
+
+/// As [`open_loop`], sending request `i` while `more(i)` says so.
+pub fn open_loop_while(
+    client: &Client,
+    per_second: u64,
+    answered: Arc<AtomicUsize>,
+    more: impl Fn(usize) -> bool + Send + 'static,
+) -> tokio::task::JoinHandle<Vec<Outcome>> {
     let client = client.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
-        let mut requests = Vec::with_capacity(n);
-        for i in 0..n {
+        let mut requests = Vec::new();
+        let mut i = 0;
+        while more(i) {
             tick.tick().await;
             let (client, answered) = (client.clone(), answered.clone());
             requests.push(tokio::spawn(async move {
@@ -72,8 +83,9 @@ pub fn open_loop(
                 }
                 Ok((sent, sent.elapsed()))
             }));
+            i += 1;
         }
-        let mut outcomes = Vec::with_capacity(n);
+        let mut outcomes = Vec::with_capacity(requests.len());
         for request in requests {
             outcomes.push(request.await.unwrap());
         }
