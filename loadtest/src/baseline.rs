@@ -26,6 +26,31 @@ pub struct Baselines {
     pub nats_echo_requests_per_s: f64,
     /// Median latency of that request/reply, in milliseconds.
     pub nats_echo_p50_ms: f64,
+    /// The same at each closed-loop concurrency of the run (the largest is the one above).
+    pub nats_echo: Vec<EchoBaseline>,
+}
+
+/// Plain NATS request/reply at one concurrency.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EchoBaseline {
+    /// Requests kept in flight.
+    pub concurrency: usize,
+    pub requests_per_s: f64,
+    pub p50_ms: f64,
+}
+
+impl Baselines {
+    /// The plain NATS echo at `concurrency` in flight (the largest measured if that one was
+    /// not).
+    pub fn echo_at(&self, concurrency: usize) -> (f64, f64) {
+        self.nats_echo
+            .iter()
+            .find(|echo| echo.concurrency == concurrency)
+            .map_or(
+                (self.nats_echo_requests_per_s, self.nats_echo_p50_ms),
+                |echo| (echo.requests_per_s, echo.p50_ms),
+            )
+    }
 }
 
 /// Measures both baselines.
@@ -42,12 +67,18 @@ pub async fn measure(
             .collect();
         tokio::task::spawn_blocking(move || bare_model(&cli, &processor_bin, &batch)).await??
     };
-    let (nats_echo_requests_per_s, nats_echo_p50_ms) = nats_echo(cli, inputs, pids).await?;
+    let nats_echo = nats_echo(cli, inputs, pids).await?;
+    let largest = nats_echo
+        .iter()
+        .max_by_key(|echo| echo.concurrency)
+        .expect("at least one concurrency")
+        .clone();
     Ok(Baselines {
         model_inputs_per_s,
         model_batch_size: cli.max_batch_size,
-        nats_echo_requests_per_s,
-        nats_echo_p50_ms,
+        nats_echo_requests_per_s: largest.requests_per_s,
+        nats_echo_p50_ms: largest.p50_ms,
+        nats_echo,
     })
 }
 
@@ -121,12 +152,13 @@ fn bare_model(cli: &Cli, processor_bin: &Path, batch: &[String]) -> anyhow::Resu
     Ok(inputs as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Plain request/reply through a nats-server with a responder that echoes the payload.
+/// Plain request/reply through a nats-server with a responder that echoes the payload, at
+/// each closed-loop concurrency of the run (the largest one only for open loops), 2 s each.
 async fn nats_echo(
     cli: &Cli,
     inputs: &[String],
     pids: &mut Vec<u32>,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<Vec<EchoBaseline>> {
     let (_server, url) = cli.nats_server(pids);
     let subject = format!("loadtest{}.echo", std::process::id());
     let responder = crate::connect(&url).await?;
@@ -142,15 +174,45 @@ async fn nats_echo(
     let request =
         InferRequest::new((0..cli.inputs_per_request).map(|i| inputs[i % inputs.len()].clone()));
     let payload = bytes::Bytes::from(encode(Encoding::Cbor, &request)?);
-    let concurrency = cli.concurrency.iter().copied().max().unwrap_or(256);
+    let mut levels = cli.concurrency.clone();
+    if levels.is_empty() || cli.rate.is_some() || cli.overload.is_some() {
+        levels = vec![cli.concurrency.iter().copied().max().unwrap_or(256)];
+    }
+    let mut baselines = Vec::with_capacity(levels.len());
+    for concurrency in levels {
+        let (requests_per_s, p50_ms) = echo_at(
+            &client,
+            &subject,
+            &payload,
+            concurrency,
+            Duration::from_secs(2),
+        )
+        .await?;
+        baselines.push(EchoBaseline {
+            concurrency,
+            requests_per_s,
+            p50_ms,
+        });
+    }
+    echo.abort();
+    Ok(baselines)
+}
+
+/// Requests/s and median latency (ms) of `concurrency` lanes of request/reply for `measure`.
+async fn echo_at(
+    client: &async_nats::Client,
+    subject: &str,
+    payload: &bytes::Bytes,
+    concurrency: usize,
+    measure: Duration,
+) -> anyhow::Result<(f64, f64)> {
     let completed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let measure = Duration::from_secs(2);
     let mut lanes = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
         let (client, subject, payload, completed) = (
             client.clone(),
-            subject.clone(),
+            subject.to_string(),
             payload.clone(),
             completed.clone(),
         );
@@ -175,7 +237,6 @@ async fn nats_echo(
         latencies.extend(lane?);
     }
     let rate = completed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-    echo.abort();
     latencies.sort();
     let p50 = latencies
         .get(latencies.len() / 2)

@@ -44,7 +44,8 @@ pub struct Run {
     pub efficiency: f64,
     /// inputs/s over the bare model's inputs/s.
     pub vs_bare_model: f64,
-    /// requests/s over the plain NATS echo ceiling.
+    /// requests/s over the plain NATS echo at the same concurrency (the largest measured for
+    /// open loops).
     pub vs_nats_echo: f64,
 }
 
@@ -158,8 +159,18 @@ impl Report {
             baselines.nats_echo_p50_ms
         );
         println!();
-        println!("| workers | nats | in flight | requests/s | inputs/s | p50 ms | p90 ms | p99 ms | max ms | mean batch | errors | efficiency |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for echo in baselines
+            .nats_echo
+            .iter()
+            .filter(|_| baselines.nats_echo.len() > 1)
+        {
+            println!(
+                "plain NATS echo at {} in flight: {:.0} requests/s (p50 {:.3} ms)",
+                echo.concurrency, echo.requests_per_s, echo.p50_ms
+            );
+        }
+        println!("| workers | nats | in flight | requests/s | inputs/s | p50 ms | p90 ms | p99 ms | max ms | mean batch | errors | efficiency | vs NATS echo |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         Report {
             model: cli.model,
             model_path: cli.model_path.display().to_string(),
@@ -179,7 +190,7 @@ impl Report {
     /// Fills in the ratios and prints the run's row.
     pub fn print_row(&self, run: &Run) {
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0}% |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0}% | {:.2}× |",
             run.workers,
             run.bus(),
             match run.load {
@@ -199,7 +210,8 @@ impl Report {
                 "n/a".to_string()
             },
             run.errors,
-            self.efficiency(run) * 100.0
+            self.efficiency(run) * 100.0,
+            self.vs_echo(run)
         );
         if let (Some(_), Load::Open { rate }) = (self.overload, run.load) {
             let offered = run.requests + run.errors;
@@ -214,6 +226,15 @@ impl Report {
         }
     }
 
+    /// requests/s over the plain NATS echo at the same concurrency.
+    fn vs_echo(&self, run: &Run) -> f64 {
+        let concurrency = match run.load {
+            Load::Closed { concurrency } => concurrency,
+            Load::Open { .. } => 0,
+        };
+        run.requests_per_s / self.baselines.echo_at(concurrency).0.max(1e-9)
+    }
+
     fn efficiency(&self, run: &Run) -> f64 {
         let ideal = if self.model.scales_with_workers() {
             self.baselines.model_inputs_per_s * run.workers as f64
@@ -225,16 +246,14 @@ impl Report {
 
     /// Computes the ratios, writes the JSON and the plot.
     pub fn finish(mut self, cli: &Cli) -> anyhow::Result<()> {
-        let (bare, echo) = (
-            self.baselines.model_inputs_per_s.max(1e-9),
-            self.baselines.nats_echo_requests_per_s.max(1e-9),
-        );
+        let bare = self.baselines.model_inputs_per_s.max(1e-9);
         for i in 0..self.runs.len() {
-            let efficiency = self.efficiency(&self.runs[i]);
+            let (efficiency, vs_echo) =
+                (self.efficiency(&self.runs[i]), self.vs_echo(&self.runs[i]));
             let run = &mut self.runs[i];
             run.efficiency = efficiency;
             run.vs_bare_model = run.inputs_per_s / bare;
-            run.vs_nats_echo = run.requests_per_s / echo;
+            run.vs_nats_echo = vs_echo;
         }
         for run in self.runs.iter().filter(|r| r.errors > 0) {
             eprintln!(

@@ -164,8 +164,22 @@ fn a_bert_run_compares_the_service_with_the_bare_model_measured_by_processor_ben
     // Two concurrencies measured on the same processor, each against the same bare model.
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
+    // The plain NATS echo was measured at each of them, and each run is compared with its own.
+    let echoes = report["baselines"]["nats_echo"].as_array().unwrap();
+    assert_eq!(echoes.len(), 2, "{echoes:?}");
     for (run, in_flight) in runs.iter().zip([4, 16]) {
         assert_eq!(run["load"]["concurrency"], in_flight, "{run}");
+        let echo = echoes
+            .iter()
+            .find(|echo| echo["concurrency"] == in_flight)
+            .unwrap();
+        let echo_rate = echo["requests_per_s"].as_f64().unwrap();
+        let vs_echo = run["vs_nats_echo"].as_f64().unwrap();
+        assert!(echo_rate > 0.0, "{echo}");
+        assert!(
+            (vs_echo - run["requests_per_s"].as_f64().unwrap() / echo_rate).abs() < 1e-9,
+            "{run} against {echo}"
+        );
         assert!(run["ready_s"].as_f64().unwrap() > 0.0, "{run}");
         assert_eq!(run["errors"], 0, "{run}");
         let ratio = run["vs_bare_model"].as_f64().unwrap();
