@@ -17,7 +17,7 @@ use testkit::NatsServer;
 
 mod common;
 use common::load::{
-    assert_all_ok, client, open_loop, processor, producer_binary, wait_for, ReplyCounter,
+    assert_all_ok, cli_through_fault, client, open_loop, processor, wait_for, ReplyCounter,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,46 +146,7 @@ async fn producer_cli_prints_every_line_when_a_processor_is_killed() {
         processor(&server.url(), "jetstream", &[]),
         processor(&server.url(), "jetstream", &[]),
     ];
-    let lines: String = (0..3000).map(|i| format!("line {i}\n")).collect();
-    let mut cli = std::process::Command::new(producer_binary())
-        .args([
-            "--server",
-            &server.url(),
-            "--transport",
-            "jetstream",
-            "--chunk",
-            "1",
-            "embed",
-            "-",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = cli.stdin.take().unwrap();
-    std::io::Write::write_all(&mut stdin, lines.as_bytes()).unwrap();
-    drop(stdin);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    doomed.kill();
-    let output = tokio::task::spawn_blocking(move || cli.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed: Vec<serde_json::Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
-    assert_eq!(printed.len(), 3000);
-    for (i, line) in printed.iter().enumerate() {
-        let text = format!("line {i}");
-        assert_eq!(line, &serde_json::json!({"input": text, "text": text}));
-    }
+    cli_through_fault(&server.url(), 3000, || doomed.kill()).await;
 }
 
 /// Stores `n` one-input JSON requests `"{text} {i}"` in the stream as a plain client would

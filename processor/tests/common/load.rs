@@ -195,3 +195,54 @@ pub fn producer_binary() -> std::path::PathBuf {
     );
     path
 }
+
+/// Runs the producer CLI as a user would (`--transport jetstream --chunk 1 embed -` on `url`)
+/// over `n` lines `line {i}`, calls `fault` 2 s in (checking the CLI is still at work), and
+/// checks it exits 0 having printed every line with its answer, in order.
+pub async fn cli_through_fault(url: &str, n: usize, fault: impl FnOnce()) {
+    let lines: String = (0..n).map(|i| format!("line {i}\n")).collect();
+    let mut cli = Command::new(producer_binary())
+        .args([
+            "--server",
+            url,
+            "--transport",
+            "jetstream",
+            "--chunk",
+            "1",
+            "embed",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = cli.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, lines.as_bytes()).unwrap();
+    drop(stdin);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        cli.try_wait().unwrap().is_none(),
+        "the CLI finished before the fault"
+    );
+    fault();
+    let output = tokio::task::spawn_blocking(move || cli.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{} lines printed",
+        String::from_utf8_lossy(&output.stderr),
+        stdout.lines().count()
+    );
+    let printed: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(printed.len(), n);
+    for (i, line) in printed.iter().enumerate() {
+        let text = format!("line {i}");
+        assert_eq!(line, &serde_json::json!({"input": text, "text": text}));
+    }
+}
