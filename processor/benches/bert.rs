@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use burn::prelude::Device;
-use processor::model::bert::BertModel;
+use processor::model::bert::{BertModel, BertOptions};
 
 const BATCH_SIZES: [usize; 4] = [1, 8, 32, 64];
 /// Each configuration runs at least this long (after one warm-up pass).
@@ -33,19 +33,34 @@ fn main() {
         .map(|key| (key, common::sentences(key)))
         .collect();
 
+    // "flex": the processor's CPU path (the fused encoder of `bert/cpu.rs` on flex tensors);
+    // "flex-composite": burn's encoder ops on flex, as before the fused encoder.
+    let fused = BertOptions::default();
+    let composite = BertOptions {
+        cpu_kernels: false,
+        ..fused
+    };
     #[cfg_attr(not(feature = "ndarray"), allow(unused_mut))]
-    let mut backends: Vec<(&str, Device)> = vec![("flex", processor::model::cpu_device())];
+    let mut backends: Vec<(&str, Device, BertOptions)> = vec![
+        ("flex", processor::model::cpu_device(), fused),
+        ("flex-composite", processor::model::cpu_device(), composite),
+    ];
     #[cfg(feature = "ndarray")]
     #[allow(deprecated)] // burn 0.22 deprecates ndarray in favour of flex; kept to compare
-    backends.push(("ndarray+openblas", Device::ndarray()));
+    backends.push(("ndarray+openblas", Device::ndarray(), composite));
+    eprintln!(
+        "rayon threads: {}, kernels: {}",
+        rayon::current_num_threads(),
+        processor::model::bert::simd::instruction_set()
+    );
 
     println!("| backend | inputs | batch | sentences/s | ms/batch |");
     println!("| --- | --- | ---: | ---: | ---: |");
-    for (backend, device) in &backends {
+    for (backend, device, options) in &backends {
         if !selected("BENCH_BACKENDS", backend) {
             continue;
         }
-        let model = BertModel::load(&model_dir, device).unwrap();
+        let model = BertModel::load_with(&model_dir, device, *options).unwrap();
         for (name, texts) in &sets {
             let ids: Vec<Vec<u32>> = texts
                 .iter()

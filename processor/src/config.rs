@@ -512,13 +512,16 @@ pub enum Precision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum AttentionImpl {
-    /// `fused` for `f16`/`bf16` on `cuda`, `explicit` otherwise.
+    /// On `cpu` in `f32`: the processor's own fused, unpadded CPU encoder (attention fused
+    /// per head, inside it). On `cuda`: `fused` for `f16`/`bf16`, `explicit` for `f32`.
+    /// Otherwise `explicit`.
     #[default]
     Auto,
-    /// burn's attention op (a flash-attention kernel on CUDA, in f16 on tensor cores; a
-    /// tiled kernel on the CPU).
+    /// burn's attention op in burn's encoder (a flash-attention kernel on CUDA, in f16 on
+    /// tensor cores; a tiled kernel on the CPU).
     Fused,
-    /// Scores, padding bias, softmax and the value product as separate tensor ops.
+    /// burn's encoder with scores, padding bias, softmax and the value product as separate
+    /// tensor ops.
     Explicit,
 }
 

@@ -53,6 +53,8 @@ pub fn bert_options(config: &ModelConfig) -> bert::BertOptions {
             DeviceKind::Cuda => 8,
             DeviceKind::Cpu => 1,
         },
+        // Naming an attention implementation asks for burn's encoder with it.
+        cpu_kernels: config.attention == AttentionImpl::Auto,
     }
 }
 

@@ -8,6 +8,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use super::config::BertConfig;
+use super::cpu::{CpuEncoder, CpuLayer};
 use super::weights::Weights;
 use super::LoadError;
 
@@ -79,6 +80,56 @@ impl BertEncoder {
     /// Attention heads per layer.
     pub fn heads(&self) -> usize {
         self.heads
+    }
+
+    /// The same layers as the fused CPU encoder (f32 on the flex device): the parameters
+    /// are read back once, and the burn modules dropped.
+    pub fn into_cpu(self, config: &BertConfig) -> CpuEncoder {
+        fn values(tensor: Tensor<1>) -> Vec<f32> {
+            tensor
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec()
+                .expect("f32 parameters")
+        }
+        fn matrix(linear: &Linear) -> (Vec<f32>, Vec<f32>) {
+            let weight = linear.weight.val();
+            let n = weight.shape().num_elements();
+            let bias = linear.bias.as_ref().expect("BERT linears have a bias").val();
+            (values(weight.reshape([n])), values(bias))
+        }
+        fn norm(norm: &LayerNorm) -> (Vec<f32>, Vec<f32>) {
+            let beta = norm.beta.as_ref().expect("BERT LayerNorms have a bias").val();
+            (values(norm.gamma.val()), values(beta))
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                let (qkv_weight, qkv_bias) = matrix(&layer.qkv);
+                let (attention_out_weight, attention_out_bias) = matrix(&layer.attention_out);
+                let (intermediate_weight, intermediate_bias) = matrix(&layer.intermediate);
+                let (output_weight, output_bias) = matrix(&layer.output);
+                CpuLayer {
+                    qkv_weight,
+                    qkv_bias,
+                    attention_out_weight,
+                    attention_out_bias,
+                    attention_norm: norm(&layer.attention_norm),
+                    intermediate_weight,
+                    intermediate_bias,
+                    output_weight,
+                    output_bias,
+                    output_norm: norm(&layer.output_norm),
+                }
+            })
+            .collect();
+        CpuEncoder::new(
+            layers,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.layer_norm_eps,
+        )
     }
 
     /// `x`: `[batch, len, hidden]`; `mask` keeps every token from attending to padding.

@@ -5,9 +5,11 @@
 //! attention and pooling, so an input's output does not depend on its batch-mates.
 
 mod config;
+mod cpu;
 mod embeddings;
 mod encoder;
 mod heads;
+pub mod simd;
 mod tokenize;
 mod weights;
 
@@ -21,6 +23,7 @@ use schemas::{ErrorCode, FillMaskOutput, InferOptions, MaskPrediction, Output, T
 pub use config::{BertConfig, CheckpointConfig, Pooling};
 pub use tokenize::{BertTokenizer, Tokens};
 
+use self::cpu::CpuEncoder;
 use self::embeddings::BertEmbeddings;
 use self::encoder::{BertEncoder, KeyMask};
 use self::heads::MaskedLmHead;
@@ -83,6 +86,9 @@ pub struct BertOptions {
     pub fused_attention: bool,
     /// Pad every batch to a multiple of this many tokens (1: to its longest input only).
     pub pad_to_multiple: usize,
+    /// On the CPU (flex) in f32: the fused encoder of `cpu.rs` instead of burn's composite
+    /// ops (false: the composite path, for comparisons).
+    pub cpu_kernels: bool,
 }
 
 impl Default for BertOptions {
@@ -91,6 +97,7 @@ impl Default for BertOptions {
             dtype: FloatDType::F32,
             fused_attention: false,
             pad_to_multiple: 1,
+            cpu_kernels: true,
         }
     }
 }
@@ -103,8 +110,16 @@ pub struct BertModel {
     config: CheckpointConfig,
     preparer: Arc<BertPreparer>,
     embeddings: BertEmbeddings,
-    encoder: BertEncoder,
+    encoder: Encoder,
     mlm: Option<MaskedLmHead>,
+}
+
+/// The encoder as it runs on the model's device.
+enum Encoder {
+    /// burn ops, on any device and float type.
+    Composite(BertEncoder),
+    /// Fused, unpadded, on the CPU in f32 (see `cpu.rs`).
+    Cpu(CpuEncoder),
 }
 
 /// The encoder's output for a padded batch.
@@ -141,6 +156,14 @@ impl BertModel {
         let weights = weights::Weights::parse(&file, &bytes, device, options.dtype.into())?;
         let embeddings = BertEmbeddings::load(&weights, &config.bert)?;
         let encoder = BertEncoder::load(&weights, &config.bert)?;
+        let encoder = if options.cpu_kernels
+            && options.dtype == FloatDType::F32
+            && *device == super::cpu_device()
+        {
+            Encoder::Cpu(encoder.into_cpu(&config.bert))
+        } else {
+            Encoder::Composite(encoder)
+        };
         let mlm = MaskedLmHead::load(&weights, &config.bert)?;
         let name = dir
             .canonicalize()
@@ -202,16 +225,35 @@ impl BertModel {
             mask.extend(std::iter::repeat_n(0f32, len - row.len()));
         }
         let shape = [batch.len(), len];
-        let key_mask = if self.options.fused_attention {
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, shape), &self.device);
+        let embedded = self.embeddings.forward(ids);
+        let states = match &self.encoder {
+            Encoder::Composite(encoder) => {
+                let key_mask = self.key_mask(&mask, shape, encoder.heads());
+                encoder.forward(embedded, &key_mask)
+            }
+            Encoder::Cpu(encoder) => {
+                let lengths: Vec<usize> = batch.iter().map(|ids| ids.len()).collect();
+                self.encode_unpadded(encoder, embedded, &lengths)
+            }
+        };
+        // Pooling runs in f32 whatever the model's float type (see `embed`).
+        let mask = Tensor::<2>::from_data(TensorData::new(mask, shape), (&self.device, DType::F32));
+        Encoded { states, mask, len }
+    }
+
+    /// What keeps the composite encoder's tokens from attending to padding.
+    fn key_mask(&self, mask: &[f32], shape: [usize; 2], heads: usize) -> KeyMask {
+        let [batch, len] = shape;
+        if self.options.fused_attention {
             let padding: Vec<bool> = mask.iter().map(|&m| m == 0.0).collect();
             let padding =
                 Tensor::<2, Bool>::from_data(TensorData::new(padding, shape), &self.device);
-            KeyMask::Padding(padding.reshape([batch.len(), 1, 1, len]).expand([
-                batch.len(),
-                self.encoder.heads(),
-                len,
-                len,
-            ]))
+            KeyMask::Padding(
+                padding
+                    .reshape([batch, 1, 1, len])
+                    .expand([batch, heads, len, len]),
+            )
         } else {
             let bias: Vec<f32> = mask
                 .iter()
@@ -219,16 +261,44 @@ impl BertModel {
                 .collect();
             KeyMask::Bias(
                 Tensor::<2>::from_data(TensorData::new(bias, shape), (&self.device, self.dtype()))
-                    .reshape([batch.len(), 1, 1, len]),
+                    .reshape([batch, 1, 1, len]),
             )
-        };
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, shape), &self.device);
-        // Pooling runs in f32 whatever the model's float type (see `embed`).
-        let mask = Tensor::<2>::from_data(TensorData::new(mask, shape), (&self.device, DType::F32));
-        let states = self
-            .encoder
-            .forward(self.embeddings.forward(ids), &key_mask);
-        Encoded { states, mask, len }
+        }
+    }
+
+    /// The fused CPU encoder over the real tokens only: packs them out of the padded
+    /// `[batch, len, hidden]` embeddings, encodes, and puts them back (padding rows zero).
+    fn encode_unpadded(
+        &self,
+        encoder: &CpuEncoder,
+        embedded: Tensor<3>,
+        lengths: &[usize],
+    ) -> Tensor<3> {
+        let [batch, len, hidden] = embedded.dims();
+        // Zero-copy on flex: the buffer the embeddings were computed into.
+        let mut padded: Vec<f32> = embedded
+            .into_data()
+            .try_into_vec()
+            .expect("f32 embeddings on the CPU");
+        if lengths.iter().all(|&l| l == len) {
+            encoder.forward(&mut padded, lengths);
+        } else {
+            let mut packed = Vec::with_capacity(lengths.iter().sum::<usize>() * hidden);
+            for (row, &l) in padded.chunks_exact(len * hidden).zip(lengths) {
+                packed.extend_from_slice(&row[..l * hidden]);
+            }
+            encoder.forward(&mut packed, lengths);
+            let mut tokens = packed.chunks_exact(hidden);
+            for (row, &l) in padded.chunks_exact_mut(len * hidden).zip(lengths) {
+                for (i, token) in row.chunks_exact_mut(hidden).enumerate() {
+                    match i < l {
+                        true => token.copy_from_slice(tokens.next().expect("packed row")),
+                        false => token.fill(0.0),
+                    }
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(padded, [batch, len, hidden]), &self.device)
     }
 
     /// Raw last hidden states of one input, `[len][hidden]`, without its padding rows (for

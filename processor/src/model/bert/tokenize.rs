@@ -95,7 +95,12 @@ impl BertTokenizer {
         Ok(Tokens { ids, offsets })
     }
 
-    /// Id used for padding.
+    /// The most tokens an input may have (`[CLS]` and `[SEP]` included).
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// The id of `[PAD]`.
     pub fn pad_id(&self) -> u32 {
         self.pad_id
     }

@@ -1,0 +1,281 @@
+//! The encoder on the CPU backend, fused: what burn's composite ops cost around the matrix
+//! products (a fresh buffer per op, scalar `erf` and `exp`, head reshape copies, padding
+//! computed and then masked, one parallel region per op) is done here in few passes over
+//! buffers that live as long as the model.
+//!
+//! - **No padding.** The batch's real tokens are packed into one `[tokens, hidden]` matrix:
+//!   projections and the feed-forward block multiply only those, and attention runs per
+//!   (input, head) over that input's own tokens. A mixed batch costs the sum of its inputs'
+//!   lengths, not `inputs x longest`.
+//! - **Fused attention per head**: scores, softmax and the value product of one head of one
+//!   input, with the scores (at most `len x len`) in a per-thread scratch buffer; the heads
+//!   are read from and written to the packed matrices through strides (no reshape copies).
+//! - **Fused epilogues**: bias and residual are put in the output buffer before the product
+//!   accumulates into it; GELU, softmax and LayerNorm are the vectorised kernels of
+//!   [`super::simd`].
+//! - **Matrix products** are the `gemm` crate's, the library burn's CPU backend (flex) calls
+//!   for its own matmul: no GEMM is written here.
+//!
+//! burn 0.22's model code runs on a dispatch backend (the same `Tensor` type on every
+//! device), which has no hook for a backend-specific op inside a model; flex hands a
+//! tensor's buffer over without copying (`into_data` / `from_data`), so this path takes the
+//! embeddings' output from burn and gives the hidden states back to it. Other devices (CUDA,
+//! whose fusion compiler fuses the element-wise ops itself) and other float types keep the
+//! composite encoder in `encoder.rs`, which the tests compare this one against.
+
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::simd;
+
+/// Element-wise work below this many values stays on the calling thread: splitting it
+/// costs more than it saves.
+const PARALLEL_VALUES: usize = 32 * 1024;
+
+/// One layer's parameters, matrices `[in, out]` row-major.
+pub struct CpuLayer {
+    pub qkv_weight: Vec<f32>,
+    pub qkv_bias: Vec<f32>,
+    pub attention_out_weight: Vec<f32>,
+    pub attention_out_bias: Vec<f32>,
+    pub attention_norm: (Vec<f32>, Vec<f32>),
+    pub intermediate_weight: Vec<f32>,
+    pub intermediate_bias: Vec<f32>,
+    pub output_weight: Vec<f32>,
+    pub output_bias: Vec<f32>,
+    pub output_norm: (Vec<f32>, Vec<f32>),
+}
+
+/// Buffers reused across layers and batches; they grow to the largest batch seen (bounded
+/// by the scheduler's `max_tokens`) and stay.
+#[derive(Default)]
+struct Scratch {
+    qkv: Vec<f32>,
+    context: Vec<f32>,
+    intermediate: Vec<f32>,
+}
+
+/// The fused encoder.
+pub struct CpuEncoder {
+    layers: Vec<CpuLayer>,
+    hidden: usize,
+    heads: usize,
+    intermediate: usize,
+    eps: f32,
+    /// One batch at a time per model (a worker owns its model); the lock is never contended.
+    scratch: Mutex<Scratch>,
+}
+
+thread_local! {
+    /// Attention scores of one (input, head): `len x len`, per thread.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A raw pointer that may cross into rayon's threads: each task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint writes, joined before the buffer is touched again.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `dst[m x n] (+)= scale * a[m x k] * b[k x n]`, each matrix given by its pointer and its
+/// row and column strides (in elements).
+///
+/// # Safety
+/// Every pointer must address its matrix for those strides; `dst` must not alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, isize, isize),
+    accumulate: bool,
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+    scale: f32,
+    parallelism: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2,
+        dst.1,
+        accumulate,
+        a.0,
+        a.2,
+        a.1,
+        b.0,
+        b.2,
+        b.1,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// `out[rows x n] += x[rows x k] * w[k x n]`, all contiguous row-major.
+fn accumulate_product(out: &mut [f32], x: &[f32], w: &[f32], k: usize, n: usize) {
+    let rows = x.len() / k;
+    assert!(out.len() == rows * n && w.len() == k * n);
+    if rows == 0 {
+        return;
+    }
+    // SAFETY: the asserts above bound every index the strides reach; `out` is borrowed
+    // mutably, so it aliases neither input.
+    unsafe {
+        matmul(
+            (rows, n, k),
+            (out.as_mut_ptr(), n as isize, 1),
+            true,
+            (x.as_ptr(), k as isize, 1),
+            (w.as_ptr(), n as isize, 1),
+            1.0,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// Runs `f` on chunks of `rows` rows of `values` (rows of `width`), in parallel when there
+/// is enough work.
+fn for_row_chunks(values: &mut [f32], width: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+    if values.len() < PARALLEL_VALUES {
+        f(values);
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let rows = values.len() / width;
+    let chunk_rows = rows.div_ceil(threads * 2).max(1);
+    values.par_chunks_mut(chunk_rows * width).for_each(f);
+}
+
+impl CpuEncoder {
+    /// An encoder of `layers` for `heads` attention heads.
+    pub fn new(layers: Vec<CpuLayer>, hidden: usize, heads: usize, eps: f64) -> Self {
+        let intermediate = layers.first().map_or(0, |l| l.intermediate_bias.len());
+        CpuEncoder {
+            layers,
+            hidden,
+            heads,
+            intermediate,
+            eps: eps as f32,
+            scratch: Mutex::new(Scratch::default()),
+        }
+    }
+
+    /// Runs every layer over `x`, the packed `[sum(lengths), hidden]` token states of inputs
+    /// of `lengths` tokens each (in order), in place.
+    pub fn forward(&self, x: &mut [f32], lengths: &[usize]) {
+        let tokens: usize = lengths.iter().sum();
+        assert_eq!(x.len(), tokens * self.hidden, "packed states and lengths disagree");
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let Scratch {
+            qkv,
+            context,
+            intermediate,
+        } = &mut *scratch;
+        let (h, i) = (self.hidden, self.intermediate);
+        resize(qkv, tokens * 3 * h);
+        resize(context, tokens * h);
+        resize(intermediate, tokens * i);
+        for layer in &self.layers {
+            // Self-attention: packed q|k|v per token, then per (input, head).
+            simd::fill_rows(qkv, &layer.qkv_bias);
+            accumulate_product(qkv, x, &layer.qkv_weight, h, 3 * h);
+            self.attention(qkv, context, lengths);
+            // x = LayerNorm(context * W + b + x)
+            simd::add_row_in_place(x, &layer.attention_out_bias);
+            accumulate_product(x, context, &layer.attention_out_weight, h, h);
+            self.layer_norm(x, &layer.attention_norm);
+            // x = LayerNorm(gelu(x * W1 + b1) * W2 + b2 + x)
+            simd::fill_rows(intermediate, &layer.intermediate_bias);
+            accumulate_product(intermediate, x, &layer.intermediate_weight, h, i);
+            for_row_chunks(intermediate, i, simd::gelu);
+            simd::add_row_in_place(x, &layer.output_bias);
+            accumulate_product(x, intermediate, &layer.output_weight, i, h);
+            self.layer_norm(x, &layer.output_norm);
+        }
+    }
+
+    fn layer_norm(&self, x: &mut [f32], (gamma, beta): &(Vec<f32>, Vec<f32>)) {
+        let eps = self.eps;
+        for_row_chunks(x, self.hidden, |rows| {
+            simd::layer_norm_rows(rows, gamma, beta, eps)
+        });
+    }
+
+    /// `context[t, head]` = softmax(q k^T / sqrt(d)) v over the tokens of `t`'s own input, for
+    /// every head, reading q, k and v from the packed `[tokens, 3 * hidden]` matrix.
+    fn attention(&self, qkv: &[f32], context: &mut [f32], lengths: &[usize]) {
+        let (h, heads) = (self.hidden, self.heads);
+        let d = h / heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut starts = Vec::with_capacity(lengths.len());
+        let mut start = 0;
+        for &len in lengths {
+            starts.push(start);
+            start += len;
+        }
+        let out = SendPtr(context.as_mut_ptr());
+        let qkv_ptr = qkv.as_ptr() as usize;
+        let one = |(input, head): (usize, usize)| {
+            let (len, first) = (lengths[input], starts[input]);
+            if len == 0 {
+                return;
+            }
+            let out = out;
+            SCORES.with_borrow_mut(|scores| {
+                resize(scores, len * len);
+                let row = (3 * h) as isize;
+                let base = (qkv_ptr as *const f32).wrapping_add(first * 3 * h + head * d);
+                // SAFETY: q, k and v of this input's tokens and this head lie inside `qkv`
+                // (rows first..first+len, columns head*d.. of each third); the context
+                // block written (same rows, columns head*d..head*d+d) belongs to this task
+                // alone; `scores` is this thread's own.
+                unsafe {
+                    let (q, k, v) = (base, base.add(h), base.add(2 * h));
+                    // scores = scale * q k^T: k^T's rows are k's columns.
+                    matmul(
+                        (len, len, d),
+                        (scores.as_mut_ptr(), len as isize, 1),
+                        false,
+                        (q, row, 1),
+                        (k, 1, row),
+                        scale,
+                        Parallelism::None,
+                    );
+                    simd::softmax_rows(scores, len);
+                    matmul(
+                        (len, d, len),
+                        (out.0.add(first * h + head * d), h as isize, 1),
+                        false,
+                        (scores.as_ptr(), len as isize, 1),
+                        (v, row, 1),
+                        1.0,
+                        Parallelism::None,
+                    );
+                }
+            });
+        };
+        let tasks = lengths.len() * heads;
+        let work: usize = lengths.iter().map(|&l| l * l * d).sum::<usize>() * heads;
+        if tasks > 1 && work * 2 >= PARALLEL_VALUES * 8 {
+            (0..tasks)
+                .into_par_iter()
+                .map(|t| (t / heads, t % heads))
+                .for_each(one);
+        } else {
+            (0..tasks).map(|t| (t / heads, t % heads)).for_each(one);
+        }
+    }
+}
+
+/// Sets `buffer`'s length, keeping its allocation when it shrinks.
+fn resize(buffer: &mut Vec<f32>, len: usize) {
+    buffer.resize(len, 0.0);
+}

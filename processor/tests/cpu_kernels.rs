@@ -1,0 +1,109 @@
+//! The fused CPU encoder (`cpu_kernels`, the default on the CPU in f32) against burn's
+//! composite encoder on the same checkpoint: random batch shapes, including one-token and
+//! maximum-length inputs, and batches that mix them (the fused path packs the real tokens and
+//! never computes padding, the composite one masks it).
+
+mod common;
+
+use common::*;
+use processor::model::bert::{BertModel, BertOptions};
+use processor::model::cpu_device;
+use proptest::prelude::*;
+
+fn load(dir: &std::path::Path, cpu_kernels: bool) -> BertModel {
+    let options = BertOptions {
+        cpu_kernels,
+        ..BertOptions::default()
+    };
+    BertModel::load_with(dir, &cpu_device(), options)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
+}
+
+struct Pair {
+    fused: BertModel,
+    composite: BertModel,
+}
+
+impl Pair {
+    fn new(dir: &std::path::Path) -> Self {
+        Pair {
+            fused: load(dir, true),
+            composite: load(dir, false),
+        }
+    }
+
+    /// Largest difference of unnormalised pooled embeddings over a batch, and of the hidden
+    /// states of its first input alone.
+    fn difference(&self, batch: &[Vec<u32>]) -> (f32, f32) {
+        let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+        let raw = vec![false; refs.len()];
+        let (a, b) = (self.fused.embed(&refs, &raw), self.composite.embed(&refs, &raw));
+        assert_eq!(a.len(), b.len());
+        let pooled = a
+            .iter()
+            .zip(&b)
+            .map(|(a, b)| max_abs_diff(a, b))
+            .fold(0f32, f32::max);
+        let (a, b) = (
+            self.fused.hidden_states(&batch[0]),
+            self.composite.hidden_states(&batch[0]),
+        );
+        assert_eq!(a.len(), batch[0].len());
+        let states = a
+            .iter()
+            .zip(&b)
+            .map(|(a, b)| max_abs_diff(a, b))
+            .fold(0f32, f32::max);
+        (pooled, states)
+    }
+}
+
+/// A batch of `lengths` random token ids below `vocab`.
+fn random_batch(rng: &mut fastrand::Rng, lengths: &[usize], vocab: u32) -> Vec<Vec<u32>> {
+    lengths
+        .iter()
+        .map(|&len| (0..len).map(|_| rng.u32(1..vocab)).collect())
+        .collect()
+}
+
+const TOLERANCE: f32 = 2e-5;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn tiny_bert_fused_matches_composite_on_random_shapes(
+        lengths in prop::collection::vec(prop_oneof![Just(1usize), Just(128), 1usize..=128], 1..7),
+        seed in any::<u64>(),
+    ) {
+        use std::sync::OnceLock;
+        static PAIR: OnceLock<Pair> = OnceLock::new();
+        let pair = PAIR.get_or_init(|| Pair::new(&tiny_mlm_dir()));
+        let batch = random_batch(&mut fastrand::Rng::with_seed(seed), &lengths, 30_522);
+        let (pooled, states) = pair.difference(&batch);
+        prop_assert!(pooled <= TOLERANCE && states <= TOLERANCE,
+            "lengths {lengths:?}: pooled differ by {pooled}, hidden states by {states}");
+    }
+}
+
+#[test]
+fn minilm_fused_matches_composite_from_one_token_to_the_longest_input() {
+    let pair = Pair::new(&minilm_dir());
+    let max = pair.fused.tokenizer().max_tokens();
+    let mut rng = fastrand::Rng::with_seed(7);
+    for lengths in [
+        vec![1],
+        vec![max],
+        vec![1, max],
+        vec![max, 3, 17, 1, 64, 9, 33, 2],
+        vec![16; 32],
+        (1..=40).map(|i| i * 3).collect(),
+    ] {
+        let batch = random_batch(&mut rng, &lengths, 30_522);
+        let (pooled, states) = pair.difference(&batch);
+        assert!(
+            pooled <= TOLERANCE && states <= TOLERANCE,
+            "lengths {lengths:?}: pooled differ by {pooled}, hidden states by {states}"
+        );
+    }
+}
