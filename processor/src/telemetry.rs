@@ -59,6 +59,9 @@ impl Shed {
 pub struct Telemetry {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    /// `requests{task, outcome="ok"}` per task (`Task::ALL` order), resolved once: the
+    /// family's lookup (label strings, hashing, a lock) is not paid per answered request.
+    requests_ok: Vec<Counter>,
     shed: Family<RequestLabels, Counter>,
     dropped: Family<RequestLabels, Counter>,
     undeliverable: Family<RequestLabels, Counter>,
@@ -132,9 +135,20 @@ impl Telemetry {
             ]),
         );
         registry.register_collector(Box::new(ScrapeTime(state.clone())));
+        let requests_ok = Task::ALL
+            .iter()
+            .map(|task| {
+                let labels = vec![
+                    ("task", task.as_str().to_string()),
+                    ("outcome", "ok".to_string()),
+                ];
+                requests.get_or_create(&labels).clone()
+            })
+            .collect();
         Arc::new(Telemetry {
             registry,
             requests,
+            requests_ok,
             shed,
             dropped,
             undeliverable,
@@ -144,6 +158,12 @@ impl Telemetry {
 
     /// Counts one answered request.
     pub fn count_request(&self, task: Option<Task>, outcome: Result<(), &ErrorBody>) {
+        if let (Some(task), Ok(())) = (task, outcome) {
+            if let Some(index) = Task::ALL.iter().position(|t| *t == task) {
+                self.requests_ok[index].inc();
+                return;
+            }
+        }
         let task = task.map_or("unknown", Task::as_str).to_string();
         let outcome = match outcome {
             Ok(()) => "ok".to_string(),

@@ -37,7 +37,10 @@ impl Pair {
     fn difference(&self, batch: &[Vec<u32>]) -> (f32, f32) {
         let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
         let raw = vec![false; refs.len()];
-        let (a, b) = (self.fused.embed(&refs, &raw), self.composite.embed(&refs, &raw));
+        let (a, b) = (
+            self.fused.embed(&refs, &raw),
+            self.composite.embed(&refs, &raw),
+        );
         assert_eq!(a.len(), b.len());
         let pooled = a
             .iter()

@@ -19,6 +19,9 @@ use crate::model::InputError;
 /// head is swept before every batch).
 const FULL_PURGE_EVERY: Duration = Duration::from_millis(50);
 
+/// The most submitted requests taken from the channel at once.
+const SUBMIT_BURST: usize = 256;
+
 /// Marks the actor stopped in the statistics when dropped, also if it panics.
 struct Running<'a>(&'a BatcherStats);
 
@@ -51,6 +54,10 @@ impl Queue {
         let mut accepting = true;
         let mut workers_alive = true;
         let mut purged = Instant::now();
+        // Requests are taken in bursts: under load, everything that arrived while the actor
+        // was busy goes into the queue before the next batch is formed (batches fill up, and
+        // the workers are woken once per batch, not once per request).
+        let mut arrivals = Vec::with_capacity(SUBMIT_BURST);
         loop {
             let now = Instant::now();
             if now.duration_since(purged) >= FULL_PURGE_EVERY {
@@ -73,10 +80,14 @@ impl Queue {
             // Only a queue waiting for `min_size` needs a timer, and only if a worker is idle.
             let wake = self.next_latency_close().filter(|_| !self.idle.is_empty());
             tokio::select! {
-                job = submit.recv(), if accepting => match job {
-                    Some(job) => self.enqueue(job),
-                    None => accepting = false,
-                },
+                received = submit.recv_many(&mut arrivals, SUBMIT_BURST), if accepting => {
+                    if received == 0 {
+                        accepting = false;
+                    }
+                    for job in arrivals.drain(..) {
+                        self.enqueue(job);
+                    }
+                }
                 worker = ready.recv(), if workers_alive => match worker {
                     Some(worker) => self.idle.push_back((worker, self.queued_inputs > 0)),
                     None => workers_alive = false,

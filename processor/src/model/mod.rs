@@ -55,7 +55,19 @@ pub fn bert_options(config: &ModelConfig) -> bert::BertOptions {
         },
         // Naming an attention implementation asks for burn's encoder with it.
         cpu_kernels: config.attention == AttentionImpl::Auto,
+        cpu_threads: cpu_threads(config),
     }
+}
+
+/// Threads of each CPU replica's own pool: with several replicas (`workers_per_device`) on
+/// the CPU, each gets an equal share of the cores, so they do not all contend for one pool;
+/// a single replica uses the shared pool (every core).
+pub fn cpu_threads(config: &ModelConfig) -> usize {
+    if config.device != DeviceKind::Cpu || config.workers_per_device <= 1 {
+        return 0;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / config.workers_per_device).max(1)
 }
 
 /// The CPU backend: burn's pure-Rust `flex` (see README for the comparison with ndarray).

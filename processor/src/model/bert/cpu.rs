@@ -172,7 +172,11 @@ impl CpuEncoder {
     /// of `lengths` tokens each (in order), in place.
     pub fn forward(&self, x: &mut [f32], lengths: &[usize]) {
         let tokens: usize = lengths.iter().sum();
-        assert_eq!(x.len(), tokens * self.hidden, "packed states and lengths disagree");
+        assert_eq!(
+            x.len(),
+            tokens * self.hidden,
+            "packed states and lengths disagree"
+        );
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let Scratch {
             qkv,

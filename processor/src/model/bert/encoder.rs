@@ -95,11 +95,19 @@ impl BertEncoder {
         fn matrix(linear: &Linear) -> (Vec<f32>, Vec<f32>) {
             let weight = linear.weight.val();
             let n = weight.shape().num_elements();
-            let bias = linear.bias.as_ref().expect("BERT linears have a bias").val();
+            let bias = linear
+                .bias
+                .as_ref()
+                .expect("BERT linears have a bias")
+                .val();
             (values(weight.reshape([n])), values(bias))
         }
         fn norm(norm: &LayerNorm) -> (Vec<f32>, Vec<f32>) {
-            let beta = norm.beta.as_ref().expect("BERT LayerNorms have a bias").val();
+            let beta = norm
+                .beta
+                .as_ref()
+                .expect("BERT LayerNorms have a bias")
+                .val();
             (values(norm.gamma.val()), values(beta))
         }
         let layers = self

@@ -89,6 +89,9 @@ pub struct BertOptions {
     /// On the CPU (flex) in f32: the fused encoder of `cpu.rs` instead of burn's composite
     /// ops (false: the composite path, for comparisons).
     pub cpu_kernels: bool,
+    /// On the CPU: threads of this model's own pool for its parallel work (0: the process's
+    /// shared pool, one thread per core). Several replicas on one CPU each get a share.
+    pub cpu_threads: usize,
 }
 
 impl Default for BertOptions {
@@ -98,6 +101,7 @@ impl Default for BertOptions {
             fused_attention: false,
             pad_to_multiple: 1,
             cpu_kernels: true,
+            cpu_threads: 0,
         }
     }
 }
@@ -112,6 +116,8 @@ pub struct BertModel {
     embeddings: BertEmbeddings,
     encoder: Encoder,
     mlm: Option<MaskedLmHead>,
+    /// The model's own thread pool (`cpu_threads`), if it has one.
+    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 /// The encoder as it runs on the model's device.
@@ -170,6 +176,19 @@ impl BertModel {
             .ok()
             .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "bert".to_string());
+        let pool = match options.cpu_threads {
+            0 => None,
+            threads => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("bert-cpu-{i}"))
+                    .build()
+                    .map_err(|e| LoadError::Invalid {
+                        file: dir.to_path_buf(),
+                        reason: format!("starting {threads} CPU threads: {e}"),
+                    })?,
+            )),
+        };
         let preparer = Arc::new(BertPreparer {
             tokenizer,
             vocab_size: config.bert.vocab_size as u32,
@@ -183,6 +202,7 @@ impl BertModel {
             embeddings,
             encoder,
             mlm,
+            pool,
         })
     }
 
@@ -627,9 +647,13 @@ impl BatchModel for BertModel {
     }
 
     fn run(&mut self, task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
-        match task {
+        let run = || match task {
             Task::Embed => self.run_embed(inputs),
             Task::FillMask => self.run_fill_mask(inputs),
+        };
+        match &self.pool {
+            Some(pool) => pool.install(run),
+            None => run(),
         }
     }
 
