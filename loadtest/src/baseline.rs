@@ -28,6 +28,10 @@ pub struct Baselines {
     pub nats_echo_p50_ms: f64,
     /// The same at each closed-loop concurrency of the run (the largest is the one above).
     pub nats_echo: Vec<EchoBaseline>,
+    /// The processor rows' own client (the producer library, the same request and reply
+    /// messages) against a responder that answers each request at once with a pre-encoded
+    /// reply: what is left between it and a processor row is the processor's own cost.
+    pub client_echo: Vec<EchoBaseline>,
 }
 
 /// Plain NATS request/reply at one concurrency.
@@ -51,6 +55,14 @@ impl Baselines {
                 |echo| (echo.requests_per_s, echo.p50_ms),
             )
     }
+
+    /// The client echo (see [`Baselines::client_echo`]) at `concurrency` in flight, if it was
+    /// measured there.
+    pub fn client_echo_at(&self, concurrency: usize) -> Option<&EchoBaseline> {
+        self.client_echo
+            .iter()
+            .find(|echo| echo.concurrency == concurrency)
+    }
 }
 
 /// Measures both baselines.
@@ -68,6 +80,7 @@ pub async fn measure(
         tokio::task::spawn_blocking(move || bare_model(&cli, &processor_bin, &batch)).await??
     };
     let nats_echo = nats_echo(cli, inputs, pids).await?;
+    let client_echo = client_echo(cli, inputs, pids).await?;
     let largest = nats_echo
         .iter()
         .max_by_key(|echo| echo.concurrency)
@@ -79,6 +92,7 @@ pub async fn measure(
         nats_echo_requests_per_s: largest.requests_per_s,
         nats_echo_p50_ms: largest.p50_ms,
         nats_echo,
+        client_echo,
     })
 }
 
@@ -192,6 +206,78 @@ async fn nats_echo(
             concurrency,
             requests_per_s,
             p50_ms,
+        });
+    }
+    echo.abort();
+    Ok(baselines)
+}
+
+/// The producer library (as the processor rows use it) against a responder that answers
+/// every request on `{prefix}.embed` with one pre-encoded reply of the processor's form (CBOR
+/// body, `Content-Type` header, the first input echoed), at each closed-loop concurrency of
+/// the run, 2 s each. Open loops have none.
+async fn client_echo(
+    cli: &Cli,
+    inputs: &[String],
+    pids: &mut Vec<u32>,
+) -> anyhow::Result<Vec<EchoBaseline>> {
+    if cli.rate.is_some() || cli.overload.is_some() {
+        return Ok(Vec::new());
+    }
+    let (_server, url) = cli.nats_server(pids);
+    let prefix = format!("loadtest{}client", std::process::id());
+    let responder = crate::connect(&url).await?;
+    let mut requests = responder
+        .subscribe(schemas::subject(&prefix, Task::Embed))
+        .await?;
+    let reply = schemas::InferReply {
+        outputs: vec![schemas::Output::Text {
+            text: inputs[0].clone(),
+        }],
+        model: "echo".to_string(),
+        batch_size: 1,
+    };
+    let body = bytes::Bytes::from(encode(Encoding::Cbor, &reply)?);
+    let echo = tokio::spawn(async move {
+        while let Some(message) = requests.next().await {
+            if let Some(inbox) = message.reply {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(schemas::headers::CONTENT_TYPE, Encoding::Cbor.media_type());
+                let _ = responder
+                    .publish_with_headers(inbox, headers, body.clone())
+                    .await;
+            }
+        }
+    });
+    let options = producer::ClientOptions {
+        prefix,
+        timeout: Duration::from_secs(30),
+        retries: 0,
+        ..producer::ClientOptions::default()
+    };
+    let client = producer::Client::connect_with(&url, options).await?;
+    let levels = match cli.concurrency.as_slice() {
+        [] => vec![256],
+        levels => levels.to_vec(),
+    };
+    let mut baselines = Vec::with_capacity(levels.len());
+    for concurrency in levels {
+        let load = crate::drive::Load::Closed { concurrency };
+        let measure = Duration::from_secs(2);
+        let outcome = crate::drive::drive(&client, inputs, 1, load, measure, None).await;
+        anyhow::ensure!(
+            outcome.errors == 0,
+            "the client echo baseline failed: {:?}",
+            outcome.error_samples
+        );
+        let mut latencies = outcome.latencies;
+        latencies.sort();
+        baselines.push(EchoBaseline {
+            concurrency,
+            requests_per_s: latencies.len() as f64 / outcome.elapsed.as_secs_f64(),
+            p50_ms: latencies
+                .get(latencies.len() / 2)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0),
         });
     }
     echo.abort();
