@@ -256,7 +256,9 @@ impl Report {
         };
         self.baselines
             .client_echo_at(concurrency)
-            .map_or(0.0, |echo| run.requests_per_s / echo.requests_per_s.max(1e-9))
+            .map_or(0.0, |echo| {
+                run.requests_per_s / echo.requests_per_s.max(1e-9)
+            })
     }
 
     fn efficiency(&self, run: &Run) -> f64 {

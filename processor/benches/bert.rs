@@ -61,6 +61,14 @@ fn main() {
             continue;
         }
         let model = BertModel::load_with(&model_dir, device, *options).unwrap();
+        // Two single-threaded replicas side by side (`workers_per_device = 2` on the CPU).
+        let replicas = (*backend == "flex").then(|| {
+            let single = BertOptions {
+                cpu_threads: 1,
+                ..*options
+            };
+            [0, 1].map(|_| BertModel::load_with(&model_dir, device, single).unwrap())
+        });
         for (name, texts) in &sets {
             let ids: Vec<Vec<u32>> = texts
                 .iter()
@@ -75,6 +83,16 @@ fn main() {
                     "| {backend} | {name} | {batch} | {rate:.1} | {:.2} |",
                     per_batch * 1e3
                 );
+                if let Some(replicas) = replicas
+                    .as_ref()
+                    .filter(|_| selected("BENCH_REPLICAS", "2"))
+                {
+                    let (rate, per_batch) = measure_replicas(replicas, &ids, batch);
+                    println!(
+                        "| {backend} 2 replicas x 1 thread | {name} | {batch} | {rate:.1} | {:.2} |",
+                        per_batch * 1e3
+                    );
+                }
             }
         }
     }
@@ -105,6 +123,39 @@ fn measure(model: &BertModel, ids: &[Vec<u32>], batch: usize) -> (f64, f64) {
     let sentences = (passes * ids.len()) as f64;
     let batches = (passes * ids.len().div_ceil(batch)) as f64;
     (sentences / elapsed, elapsed / batches)
+}
+
+/// Sentences per second of several replicas, each on its own thread computing every
+/// replica-th batch, and seconds per batch of one replica.
+fn measure_replicas(replicas: &[BertModel], ids: &[Vec<u32>], batch: usize) -> (f64, f64) {
+    let chunks: Vec<&[Vec<u32>]> = ids.chunks(batch).collect();
+    let n = replicas.len();
+    let run = |replica: usize| {
+        let model = &replicas[replica];
+        for chunk in chunks.iter().skip(replica).step_by(n) {
+            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            std::hint::black_box(model.embed(&refs, &vec![true; refs.len()]));
+        }
+    };
+    std::thread::scope(|scope| {
+        for replica in 0..n {
+            scope.spawn(move || run(replica));
+        }
+    });
+    let started = Instant::now();
+    let mut passes = 0;
+    while passes == 0 || started.elapsed() < MIN_TIME {
+        std::thread::scope(|scope| {
+            for replica in 0..n {
+                scope.spawn(move || run(replica));
+            }
+        });
+        passes += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let sentences = (passes * ids.len()) as f64;
+    let batches_per_replica = (passes * chunks.len()) as f64 / n as f64;
+    (sentences / elapsed, elapsed / batches_per_replica)
 }
 
 /// Deterministic inputs: 256 sentences of exactly 16 tokens, and 128 of 8 to 128 tokens.

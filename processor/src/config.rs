@@ -477,9 +477,12 @@ pub struct ModelConfig {
     /// `sim` treats each entry as a simulated accelerator the same way; the CPU has one.
     pub devices: Vec<usize>,
     /// Model replicas per device, each with its own worker thread, all pulling batches from
-    /// one shared queue. On the CPU, replicas share the cores (burn's backend already uses
-    /// all of them), so more than one only helps hide the worker's own gaps.
-    pub workers_per_device: usize,
+    /// one shared queue. Unset: on the CPU (`bert`), one single-threaded replica per core
+    /// (at most [`MAX_AUTO_CPU_REPLICAS`]): measured faster than one replica using every
+    /// core (README "Thread use on the CPU"); elsewhere 1. Several replicas on the CPU split
+    /// the cores between them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers_per_device: Option<usize>,
     /// `sim`: fixed cost of one batch, in milliseconds.
     pub batch_ms: f64,
     /// `sim`: cost of each input of a batch, in milliseconds.
@@ -524,6 +527,10 @@ pub enum AttentionImpl {
     /// tensor ops.
     Explicit,
 }
+
+/// The most CPU replicas an unset `model.workers_per_device` starts: each holds its own copy
+/// of the weights, so memory grows with them.
+pub const MAX_AUTO_CPU_REPLICAS: usize = 8;
 
 /// `model.warmup`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -570,7 +577,7 @@ impl Default for ModelConfig {
             path: PathBuf::from("models/all-MiniLM-L6-v2"),
             device: DeviceKind::Cpu,
             devices: vec![0],
-            workers_per_device: 1,
+            workers_per_device: None,
             batch_ms: 10.0,
             item_ms: 0.5,
             dtype: Precision::F32,
@@ -634,15 +641,26 @@ impl ModelConfig {
         }
     }
 
+    /// Model replicas per device: `workers_per_device`, or what unset stands for here.
+    pub fn replicas_per_device(&self) -> usize {
+        match (self.workers_per_device, self.kind, self.device) {
+            (Some(n), _, _) => n,
+            (None, ModelKind::Bert, DeviceKind::Cpu) => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_AUTO_CPU_REPLICAS),
+            (None, _, _) => 1,
+        }
+    }
+
     /// How many model workers to start: `workers_per_device` on each device.
     pub fn workers(&self) -> usize {
-        self.device_slots() * self.workers_per_device
+        self.device_slots() * self.replicas_per_device()
     }
 
     /// The GPU index that worker `worker` runs on (worker `i` is slot `i % workers_per_device`
     /// of device `devices[i / workers_per_device]`).
     pub fn device_index(&self, worker: usize) -> usize {
-        let slot = worker / self.workers_per_device.max(1);
+        let slot = worker / self.replicas_per_device().max(1);
         self.devices.get(slot).copied().unwrap_or(0)
     }
 }
@@ -842,7 +860,7 @@ impl Config {
                 "list at least one simulated device",
             ));
         }
-        if self.model.workers_per_device == 0 {
+        if self.model.workers_per_device == Some(0) {
             return Err(invalid("model.workers_per_device", "must be at least 1"));
         }
         if self.batch.max_size == 0 {
@@ -1045,7 +1063,7 @@ mod tests {
         let mut model = ModelConfig {
             kind: ModelKind::Sim,
             devices: vec![4, 7],
-            workers_per_device: 3,
+            workers_per_device: Some(3),
             ..ModelConfig::default()
         };
         assert_eq!(model.workers(), 6);
@@ -1054,8 +1072,14 @@ mod tests {
         // One CPU device, whatever `devices` lists.
         model.kind = ModelKind::Bert;
         assert_eq!(model.workers(), 3);
-        model.workers_per_device = 1;
+        model.workers_per_device = Some(1);
         assert_eq!(model.workers(), 1);
+        // Unset: one replica per core on the CPU (at most 8), one per GPU.
+        model.workers_per_device = None;
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(model.workers(), cores.min(MAX_AUTO_CPU_REPLICAS));
+        model.device = DeviceKind::Cuda;
+        assert_eq!(model.workers(), 2);
     }
 
     #[test]

@@ -63,11 +63,12 @@ pub fn bert_options(config: &ModelConfig) -> bert::BertOptions {
 /// the CPU, each gets an equal share of the cores, so they do not all contend for one pool;
 /// a single replica uses the shared pool (every core).
 pub fn cpu_threads(config: &ModelConfig) -> usize {
-    if config.device != DeviceKind::Cpu || config.workers_per_device <= 1 {
+    let replicas = config.replicas_per_device();
+    if config.device != DeviceKind::Cpu || replicas <= 1 {
         return 0;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / config.workers_per_device).max(1)
+    (cores / replicas).max(1)
 }
 
 /// The CPU backend: burn's pure-Rust `flex` (see README for the comparison with ndarray).

@@ -233,6 +233,14 @@ impl BertModel {
     /// Pads the batch (to its longest input, rounded up to `pad_to_multiple` within the
     /// position table), runs embeddings and encoder.
     fn encode(&self, batch: &[&[u32]]) -> Encoded {
+        match &self.pool {
+            Some(pool) => pool.install(|| self.encode_here(batch)),
+            None => self.encode_here(batch),
+        }
+    }
+
+    /// [`BertModel::encode`] on the calling thread's pool.
+    fn encode_here(&self, batch: &[&[u32]]) -> Encoded {
         let longest = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
         let len = self.padded_len(longest);
         let mut ids = Vec::with_capacity(batch.len() * len);
@@ -647,13 +655,9 @@ impl BatchModel for BertModel {
     }
 
     fn run(&mut self, task: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
-        let run = || match task {
+        match task {
             Task::Embed => self.run_embed(inputs),
             Task::FillMask => self.run_fill_mask(inputs),
-        };
-        match &self.pool {
-            Some(pool) => pool.install(run),
-            None => run(),
         }
     }
 
