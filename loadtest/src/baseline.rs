@@ -79,8 +79,10 @@ pub async fn measure(
             .collect();
         tokio::task::spawn_blocking(move || bare_model(&cli, &processor_bin, &batch)).await??
     };
-    let nats_echo = nats_echo(cli, inputs, pids).await?;
-    let client_echo = client_echo(cli, inputs, pids).await?;
+    // One nats-server for both echo baselines.
+    let (_server, url) = cli.nats_server(pids);
+    let nats_echo = nats_echo(cli, &url, inputs).await?;
+    let client_echo = client_echo(cli, &url, inputs).await?;
     let largest = nats_echo
         .iter()
         .max_by_key(|echo| echo.concurrency)
@@ -168,14 +170,9 @@ fn bare_model(cli: &Cli, processor_bin: &Path, batch: &[String]) -> anyhow::Resu
 
 /// Plain request/reply through a nats-server with a responder that echoes the payload, at
 /// each closed-loop concurrency of the run (the largest one only for open loops), 2 s each.
-async fn nats_echo(
-    cli: &Cli,
-    inputs: &[String],
-    pids: &mut Vec<u32>,
-) -> anyhow::Result<Vec<EchoBaseline>> {
-    let (_server, url) = cli.nats_server(pids);
+async fn nats_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Vec<EchoBaseline>> {
     let subject = format!("loadtest{}.echo", std::process::id());
-    let responder = crate::connect(&url).await?;
+    let responder = crate::connect(url).await?;
     let mut requests = responder.subscribe(subject.clone()).await?;
     let echo = tokio::spawn(async move {
         while let Some(message) = requests.next().await {
@@ -184,7 +181,7 @@ async fn nats_echo(
             }
         }
     });
-    let client = crate::connect(&url).await?;
+    let client = crate::connect(url).await?;
     let request =
         InferRequest::new((0..cli.inputs_per_request).map(|i| inputs[i % inputs.len()].clone()));
     let payload = bytes::Bytes::from(encode(Encoding::Cbor, &request)?);
@@ -216,17 +213,12 @@ async fn nats_echo(
 /// every request on `{prefix}.embed` with one pre-encoded reply of the processor's form (CBOR
 /// body, `Content-Type` header, the first input echoed), at each closed-loop concurrency of
 /// the run, 2 s each. Open loops have none.
-async fn client_echo(
-    cli: &Cli,
-    inputs: &[String],
-    pids: &mut Vec<u32>,
-) -> anyhow::Result<Vec<EchoBaseline>> {
+async fn client_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Vec<EchoBaseline>> {
     if cli.rate.is_some() || cli.overload.is_some() {
         return Ok(Vec::new());
     }
-    let (_server, url) = cli.nats_server(pids);
     let prefix = format!("loadtest{}client", std::process::id());
-    let responder = crate::connect(&url).await?;
+    let responder = crate::connect(url).await?;
     let mut requests = responder
         .subscribe(schemas::subject(&prefix, Task::Embed))
         .await?;
@@ -255,7 +247,7 @@ async fn client_echo(
         retries: 0,
         ..producer::ClientOptions::default()
     };
-    let client = producer::Client::connect_with(&url, options).await?;
+    let client = producer::Client::connect_with(url, options).await?;
     let levels = match cli.concurrency.as_slice() {
         [] => vec![256],
         levels => levels.to_vec(),
