@@ -1,10 +1,14 @@
-//! The scheduler: an actor that owns the queue of prepared inputs and hands batches to model
-//! workers, each on its own OS thread. This module knows nothing about NATS.
+//! The scheduler: a queue of prepared inputs shared by the requests, the model workers (each
+//! on its own OS thread) and a small actor that keeps time. This module knows nothing about
+//! NATS.
 //!
 //! - Requests arrive through [`Batcher::infer`], which prepares (tokenises) every input before
 //!   queueing it, on a blocking thread (at most one per core) unless the model's preparing is
 //!   trivial, so neither the async runtime nor the workers tokenise. Each input is queued on
 //!   its own: a large request is split over batches, and one batch mixes many requests.
+//! - A request queues its inputs itself and hands a batch to an idle worker if one waits; a
+//!   worker that finishes a batch takes the next one straight from the queue. No thread is
+//!   woken in between unless a worker sleeps for lack of work.
 //! - Workers pull: an idle worker is handed a batch as soon as its task's queue holds
 //!   `min_size` inputs (1 by default: at low load nothing waits), or when the oldest queued
 //!   input has waited `max_latency`. While every worker is busy, inputs accumulate, and the
@@ -16,7 +20,8 @@
 //!   A full queue answers `overloaded` at once, and so does a queue holding more work than
 //!   its workers compute in `max_queue_wait` (estimated from recent batches).
 //!
-//! Modules: `policy` (the settings), `job` (a request in flight), `queue` (the actor),
+//! Modules: `policy` (the settings), `job` (a request in flight), `queue` (the shared queue
+//! and its actor),
 //! `select` (which inputs make a batch), `worker` (the model threads).
 
 use std::collections::VecDeque;
@@ -33,8 +38,8 @@ use crate::model::{BatchModel, Prepare, Prepared};
 pub use crate::stats::BatcherStats;
 pub use policy::BatchPolicy;
 
-use job::{expired_error, input_error, Batch, Job};
-use queue::Queue;
+use job::{expired_error, input_error, Job};
+use queue::{Queue, Shared};
 use worker::{load_and_warm_up, work, Loaded};
 
 mod job;
@@ -93,7 +98,10 @@ pub struct Completed {
 /// queued) once every handle is dropped.
 #[derive(Clone)]
 pub struct Batcher {
-    submit: mpsc::Sender<Arc<Job>>,
+    /// The queue, shared with the workers and the actor.
+    queue: Arc<Shared>,
+    /// Closes when the last handle is dropped: the actor then finishes the queue and stops.
+    _alive: mpsc::Sender<()>,
     stats: Arc<BatcherStats>,
     /// Blocking threads preparing inputs at once, at most (one per core).
     preparing: Arc<Semaphore>,
@@ -138,14 +146,27 @@ impl Batcher {
         let stats = Arc::new(BatcherStats::default());
         let load = Arc::new(load);
         let plan = policy.warm_up_plan();
-        let (ready_tx, ready_rx) = mpsc::channel::<oneshot::Sender<Batch>>(workers);
+        let shared = Shared::new(Queue {
+            policy,
+            workers,
+            waiting: Task::ALL.map(|_| VecDeque::new()),
+            queued_inputs: 0,
+            idle: VecDeque::new(),
+            stats: stats.clone(),
+            accepting: true,
+            stopped: false,
+            swept: Instant::now(),
+        });
         let mut threads = Vec::with_capacity(workers);
         let mut loaded = Vec::with_capacity(workers);
         for index in 0..workers {
             let (loaded_tx, loaded_rx) = oneshot::channel();
             let load = load.clone();
-            let ready_tx = ready_tx.clone();
+            let queue = shared.clone();
             let stats = stats.clone();
+            // The worker reads the runtime's clock (it compares its times with the queue's;
+            // in tests that clock is paused).
+            let runtime = tokio::runtime::Handle::current();
             let thread = std::thread::Builder::new()
                 .name(format!("model-worker-{index}"))
                 .spawn(move || match load_and_warm_up(&*load, index, &plan) {
@@ -160,7 +181,8 @@ impl Batcher {
                         // `start` returns).
                         let _alive = worker::Alive::new(&stats);
                         let _ = loaded_tx.send(Ok(info));
-                        work(model, ready_tx, &stats, policy.max_size);
+                        let _clock = runtime.enter();
+                        work(model, queue, &stats, policy.max_size);
                     }
                     Err(err) => {
                         let _ = loaded_tx.send(Err(err));
@@ -169,7 +191,6 @@ impl Batcher {
             threads.push(thread);
             loaded.push(loaded_rx);
         }
-        drop(ready_tx);
         let mut info = None;
         for rx in loaded {
             let result = rx
@@ -179,21 +200,13 @@ impl Batcher {
         }
         let info = info.expect("at least one worker");
 
-        let (submit_tx, submit_rx) = mpsc::channel(1024);
-        let queue = Queue {
-            policy,
-            workers,
-            waiting: Task::ALL.map(|_| VecDeque::new()),
-            queued_inputs: 0,
-            idle: VecDeque::new(),
-            stats: stats.clone(),
-        };
+        let (alive_tx, alive_rx) = mpsc::channel(1);
         stats.queue_alive.store(true, Ordering::Relaxed);
-        let actor = queue.run(submit_rx, ready_rx);
+        let actor = queue::run(shared.clone(), alive_rx);
         match tokio::runtime::Handle::current().runtime_flavor() {
-            // The scheduler's thread of its own: under a flood the runtime's threads are busy
-            // with thousands of request tasks, and a queue that waits its turn among them
-            // hands batches over late and lets requests wait past its own estimates.
+            // The actor keeps time on a thread of its own: under a flood the runtime's threads
+            // are busy with thousands of request tasks, and a timer that waits its turn among
+            // them fires late.
             tokio::runtime::RuntimeFlavor::MultiThread => {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
@@ -209,7 +222,8 @@ impl Batcher {
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let batcher = Batcher {
-            submit: submit_tx,
+            queue: shared,
+            _alive: alive_tx,
             stats,
             preparing: Arc::new(Semaphore::new(cores)),
             workers,
@@ -274,7 +288,7 @@ impl Batcher {
         job.request_id = request_id;
         let job = Arc::new(job);
         let stopped = || Refused::new(ErrorCode::Internal, "the batcher has stopped");
-        self.submit.send(job).await.map_err(|_| stopped())?;
+        self.queue.submit(job);
         done_rx.await.map_err(|_| stopped())?
     }
 

@@ -1,13 +1,18 @@
-//! The queue actor: owns the per-task queues of prepared inputs, refuses what it has no
-//! room or time for, and hands batches to idle workers.
+//! The queue: per-task queues of prepared inputs behind one lock, shared by the requests
+//! (which queue their inputs and hand batches to idle workers themselves), the model workers
+//! (which take their next batch straight from it when they finish one) and a small actor
+//! that keeps time (`max_latency` for `min_size`, sweeps of expired inputs) and sees the
+//! batcher stop. Under load a worker goes from batch to batch without waiting for another
+//! thread, and a request reaches the queue without waking one: each hand-off between
+//! threads costs tens of microseconds, more than a small batch of an echo model.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use schemas::{ErrorCode, Task};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use super::job::{expired_error, Batch, Item, Job};
@@ -19,9 +24,6 @@ use crate::model::InputError;
 /// head is swept before every batch).
 const FULL_PURGE_EVERY: Duration = Duration::from_millis(50);
 
-/// The most submitted requests taken from the channel at once.
-const SUBMIT_BURST: usize = 256;
-
 /// Marks the actor stopped in the statistics when dropped, also if it panics.
 struct Running<'a>(&'a BatcherStats);
 
@@ -31,7 +33,73 @@ impl Drop for Running<'_> {
     }
 }
 
-/// The actor's state: per-task queues of inputs (oldest first) and the idle workers.
+/// The queue and what wakes its actor.
+pub(super) struct Shared {
+    queue: Mutex<Queue>,
+    /// Wakes the actor to look at its timer again (an idle worker and `min_size > 1`).
+    wake_actor: Notify,
+}
+
+impl Shared {
+    pub(super) fn new(queue: Queue) -> Arc<Self> {
+        Arc::new(Shared {
+            queue: Mutex::new(queue),
+            wake_actor: Notify::new(),
+        })
+    }
+
+    /// The queue, locked (held for microseconds: no I/O, no computing under it).
+    pub(super) fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a request's inputs (or refuses it) and hands batches to idle workers.
+    pub(super) fn submit(&self, job: Arc<Job>) {
+        let mut queue = self.lock();
+        let now = Instant::now();
+        queue.sweep_if_due(now);
+        queue.enqueue(job);
+        queue.dispatch(now, false);
+        queue.publish();
+        let timer = queue.waits_for_company();
+        drop(queue);
+        if timer {
+            self.wake_actor.notify_one();
+        }
+    }
+
+    /// A worker's next batch: one that is ready now, or the one handed to it once it is
+    /// (`Err`, to wait on); `None` when the batcher has stopped and nothing is left.
+    pub(super) fn next_batch(&self) -> Option<Result<Batch, oneshot::Receiver<Batch>>> {
+        let mut queue = self.lock();
+        let now = Instant::now();
+        queue.sweep_if_due(now);
+        let flush = !queue.accepting;
+        if queue.idle.is_empty() {
+            if let Some(mut batch) = queue.take_ready(now, flush) {
+                // Work was waiting when this worker asked (see `Batch::backlogged`).
+                batch.backlogged = true;
+                queue.record_handed(&batch, now);
+                queue.publish();
+                return Some(Ok(batch));
+            }
+        }
+        if queue.stopped {
+            return None;
+        }
+        let (batch_tx, batch_rx) = oneshot::channel();
+        let backlogged = queue.queued_inputs > 0;
+        queue.idle.push_back((batch_tx, backlogged));
+        let timer = queue.waits_for_company();
+        drop(queue);
+        if timer {
+            self.wake_actor.notify_one();
+        }
+        Some(Err(batch_rx))
+    }
+}
+
+/// The queue's state: per-task queues of inputs (oldest first) and the idle workers.
 pub(super) struct Queue {
     pub(super) policy: BatchPolicy,
     /// Model workers started (they compute batches side by side).
@@ -41,60 +109,78 @@ pub(super) struct Queue {
     /// Idle workers, oldest first, each with whether inputs were queued when it asked.
     pub(super) idle: VecDeque<(oneshot::Sender<Batch>, bool)>,
     pub(super) stats: Arc<BatcherStats>,
+    /// Requests may still arrive (some `Batcher` handle is alive).
+    pub(super) accepting: bool,
+    /// Stopped: nothing was queued when the last handle went; workers end.
+    pub(super) stopped: bool,
+    /// When the whole queue was last swept.
+    pub(super) swept: Instant,
 }
 
-impl Queue {
-    pub(super) async fn run(
-        mut self,
-        mut submit: mpsc::Receiver<Arc<Job>>,
-        mut ready: mpsc::Receiver<oneshot::Sender<Batch>>,
-    ) {
-        let stats = self.stats.clone();
-        let _running = Running(&stats);
-        let mut accepting = true;
-        let mut workers_alive = true;
-        let mut purged = Instant::now();
-        // Requests are taken in bursts: under load, everything that arrived while the actor
-        // was busy goes into the queue before the next batch is formed (batches fill up, and
-        // the workers are woken once per batch, not once per request).
-        let mut arrivals = Vec::with_capacity(SUBMIT_BURST);
-        loop {
+/// The actor: sweeps the queue, hands out batches whose `max_latency` came, and ends the
+/// queue once every `Batcher` handle is gone (`closed` never carries anything; it closes
+/// then) and everything queued was computed.
+pub(super) async fn run(shared: Arc<Shared>, mut closed: mpsc::Receiver<()>) {
+    let stats = shared.lock().stats.clone();
+    let _running = Running(&stats);
+    let mut accepting = true;
+    loop {
+        let wake = {
+            let mut queue = shared.lock();
             let now = Instant::now();
-            if now.duration_since(purged) >= FULL_PURGE_EVERY {
-                // The published depth is what transports refuse work on: keep it free of
-                // inputs that expired or whose request was answered, deep in the queue too.
-                self.purge(now, usize::MAX);
-                purged = now;
-            }
-            self.dispatch(now, !accepting);
-            if !workers_alive && self.idle.is_empty() {
+            queue.sweep_if_due(now);
+            queue.accepting = accepting;
+            queue.dispatch(now, !accepting);
+            if stats.workers_alive.load(Ordering::Relaxed) == 0 && queue.idle.is_empty() {
                 // Every worker is gone: nothing queued can be computed any more.
-                self.fail_all("every model worker has stopped");
+                queue.fail_all("every model worker has stopped");
             }
-            self.stats
-                .queued
-                .store(self.queued_inputs as u64, Ordering::Relaxed);
-            if !accepting && self.queued_inputs == 0 {
+            queue.publish();
+            if !accepting && queue.queued_inputs == 0 {
+                // Idle workers see their channel close; busy ones find `stopped`.
+                queue.stopped = true;
+                queue.idle.clear();
                 break;
             }
             // Only a queue waiting for `min_size` needs a timer, and only if a worker is idle.
-            let wake = self.next_latency_close().filter(|_| !self.idle.is_empty());
-            tokio::select! {
-                received = submit.recv_many(&mut arrivals, SUBMIT_BURST), if accepting => {
-                    if received == 0 {
-                        accepting = false;
-                    }
-                    for job in arrivals.drain(..) {
-                        self.enqueue(job);
-                    }
+            queue
+                .next_latency_close()
+                .filter(|_| !queue.idle.is_empty())
+        };
+        tokio::select! {
+            message = closed.recv(), if accepting => {
+                if message.is_none() {
+                    accepting = false;
                 }
-                worker = ready.recv(), if workers_alive => match worker {
-                    Some(worker) => self.idle.push_back((worker, self.queued_inputs > 0)),
-                    None => workers_alive = false,
-                },
-                _ = sleep_until(wake), if wake.is_some() => {}
             }
+            _ = shared.wake_actor.notified() => {}
+            _ = sleep_until(wake), if wake.is_some() => {}
         }
+    }
+}
+
+impl Queue {
+    /// Sweeps the whole queue if it was not swept for `FULL_PURGE_EVERY`: the published depth
+    /// is what transports refuse work on, so it is kept free of inputs that expired or whose
+    /// request was answered, deep in the queue too.
+    fn sweep_if_due(&mut self, now: Instant) {
+        if now.duration_since(self.swept) >= FULL_PURGE_EVERY {
+            self.purge(now, usize::MAX);
+            self.swept = now;
+        }
+    }
+
+    /// Publishes the depth that transports refuse work on.
+    fn publish(&self) {
+        self.stats
+            .queued
+            .store(self.queued_inputs as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the actor's timer matters now: inputs wait for `min_size` company while a
+    /// worker is idle.
+    fn waits_for_company(&self) -> bool {
+        self.policy.min_size > 1 && !self.idle.is_empty() && self.queued_inputs > 0
     }
 
     fn enqueue(&mut self, job: Arc<Job>) {
@@ -195,64 +281,58 @@ impl Queue {
         if self.idle.is_empty() || self.queued_inputs == 0 {
             return;
         }
-        self.purge(now, self.policy.grouping_window.max(self.policy.max_size));
         while !self.idle.is_empty() {
-            let ready = (0..self.waiting.len())
-                .filter(|&i| self.is_ready(&self.waiting[i], now, flush))
-                .min_by_key(|&i| self.waiting[i].front().map(|item| item.job.arrived));
-            let Some(index) = ready else { return };
-            let items = if self.policy.length_grouping {
-                take_grouped(&mut self.waiting[index], &self.policy)
-            } else {
-                take_in_order(&mut self.waiting[index], &self.policy)
+            let Some(batch) = self.take_ready(now, flush) else {
+                return;
             };
-            self.queued_inputs -= items.len();
-            self.hand_over(
-                Batch {
-                    task: Task::ALL[index],
-                    items,
-                    backlogged: false,
-                },
-                index,
-                now,
-            );
+            self.hand_over(batch, now);
         }
     }
 
+    /// The next batch of the oldest ready queue, taken out of it (expired inputs and those
+    /// of answered requests swept from its head first).
+    fn take_ready(&mut self, now: Instant, flush: bool) -> Option<Batch> {
+        if self.queued_inputs == 0 {
+            return None;
+        }
+        self.purge(now, self.policy.grouping_window.max(self.policy.max_size));
+        let index = (0..self.waiting.len())
+            .filter(|&i| self.is_ready(&self.waiting[i], now, flush))
+            .min_by_key(|&i| self.waiting[i].front().map(|item| item.job.arrived))?;
+        let items = if self.policy.length_grouping {
+            take_grouped(&mut self.waiting[index], &self.policy)
+        } else {
+            take_in_order(&mut self.waiting[index], &self.policy)
+        };
+        self.queued_inputs -= items.len();
+        Some(Batch {
+            task: Task::ALL[index],
+            items,
+            backlogged: false,
+        })
+    }
+
+    /// Counts a batch handed to a worker: its shape and how long its inputs waited.
+    fn record_handed(&self, batch: &Batch, now: Instant) {
+        Handed::of(batch, now).record(&self.stats);
+    }
+
     /// Gives a batch to the first live idle worker, or puts it back at the head of its queue.
-    fn hand_over(&mut self, batch: Batch, queue_index: usize, now: Instant) {
-        let size = batch.items.len();
-        let tokens = batch.items.iter().map(|item| item.tokens).sum();
-        let longest = batch
-            .items
-            .iter()
-            .map(|item| item.tokens)
-            .max()
-            .unwrap_or(0);
-        let waits: Vec<Duration> = batch
-            .items
-            .iter()
-            .map(|item| now.saturating_duration_since(item.job.arrived))
-            .collect();
+    fn hand_over(&mut self, batch: Batch, now: Instant) {
+        let summary = Handed::of(&batch, now);
         let mut batch = Some(batch);
         while let Some((worker, backlogged)) = self.idle.pop_front() {
             let mut handed = batch.take().expect("batch");
             handed.backlogged = backlogged;
             match worker.send(handed) {
-                Ok(()) => {
-                    self.stats.record_batch(size, tokens, longest);
-                    for wait in waits {
-                        self.stats.queue_wait.observe(wait);
-                    }
-                    return;
-                }
+                Ok(()) => return summary.record(&self.stats),
                 // That worker died; try the next idle one.
                 Err(returned) => batch = Some(returned),
             }
         }
         if let Some(batch) = batch {
             self.queued_inputs += batch.items.len();
-            let queue = &mut self.waiting[queue_index];
+            let queue = &mut self.waiting[task_index(batch.task)];
             for item in batch.items.into_iter().rev() {
                 queue.push_front(item);
             }
@@ -267,6 +347,37 @@ impl Queue {
             }
         }
         self.queued_inputs = 0;
+    }
+}
+
+/// What the statistics keep of a batch handed over.
+struct Handed {
+    size: usize,
+    tokens: usize,
+    longest: usize,
+    waits: Vec<Duration>,
+}
+
+impl Handed {
+    fn of(batch: &Batch, now: Instant) -> Self {
+        let tokens = batch.items.iter().map(|item| item.tokens);
+        Handed {
+            size: batch.items.len(),
+            tokens: tokens.clone().sum(),
+            longest: tokens.max().unwrap_or(0),
+            waits: batch
+                .items
+                .iter()
+                .map(|item| now.saturating_duration_since(item.job.arrived))
+                .collect(),
+        }
+    }
+
+    fn record(self, stats: &BatcherStats) {
+        stats.record_batch(self.size, self.tokens, self.longest);
+        for wait in self.waits {
+            stats.queue_wait.observe(wait);
+        }
     }
 }
 

@@ -6,9 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use schemas::{ErrorCode, Task};
-use tokio::sync::{mpsc, oneshot};
 
-use super::job::Batch;
+use super::queue::Shared;
 use super::BatcherStats;
 use crate::model::{BatchModel, InputError, ModelInput, Prepare, WarmUpPlan};
 
@@ -75,21 +74,23 @@ pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
-/// A model worker's loop: ask the queue for a batch, compute it, deliver the results.
+/// A model worker's loop: take the next batch from the queue (or wait to be handed one),
+/// compute it, deliver the results.
 pub(super) fn work<M: BatchModel>(
     mut model: M,
-    ready: mpsc::Sender<oneshot::Sender<Batch>>,
+    queue: Arc<Shared>,
     stats: &BatcherStats,
     max_size: usize,
 ) {
     loop {
         let asked = std::time::Instant::now();
-        let (batch_tx, batch_rx) = oneshot::channel();
-        if ready.blocking_send(batch_tx).is_err() {
-            return;
-        }
-        let Ok(batch) = batch_rx.blocking_recv() else {
-            return;
+        let batch = match queue.next_batch() {
+            None => return,
+            Some(Ok(batch)) => batch,
+            Some(Err(handed)) => match handed.blocking_recv() {
+                Ok(batch) => batch,
+                Err(_) => return,
+            },
         };
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
