@@ -81,6 +81,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so that closures capture the whole `SendPtr`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `dst[m x n] (+)= scale * a[m x k] * b[k x n]`, each matrix given by its pointer and its
 /// row and column strides (in elements).
 ///
@@ -232,7 +239,6 @@ impl CpuEncoder {
             if len == 0 {
                 return;
             }
-            let out = out;
             SCORES.with_borrow_mut(|scores| {
                 resize(scores, len * len);
                 let row = (3 * h) as isize;
@@ -256,7 +262,7 @@ impl CpuEncoder {
                     simd::softmax_rows(scores, len);
                     matmul(
                         (len, d, len),
-                        (out.0.add(first * h + head * d), h as isize, 1),
+                        (out.get().add(first * h + head * d), h as isize, 1),
                         false,
                         (scores.as_ptr(), len as isize, 1),
                         (v, row, 1),

@@ -137,7 +137,7 @@ fn gelu_one(x: f32) -> f32 {
     let poly = 0.170_872_77;
     let poly = poly * t - 0.822_152_23;
     let poly = poly * t + 1.488_515_9;
-    let poly = poly * t - 1.135_203_98;
+    let poly = poly * t - 1.135_204;
     let poly = poly * t + 0.278_868_07;
     let poly = poly * t - 0.186_288_06;
     let poly = poly * t + 0.096_784_18;
