@@ -211,7 +211,7 @@ async fn nats_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Ve
 
 /// The producer library (as the processor rows use it) against a responder that answers
 /// every request on `{prefix}.embed` with one pre-encoded reply of the processor's form (CBOR
-/// body, `Content-Type` header, the first input echoed), at each closed-loop concurrency of
+/// body, `Content-Type` header, the request's inputs echoed), at each closed-loop concurrency of
 /// the run, 2 s each. Open loops have none.
 async fn client_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Vec<EchoBaseline>> {
     if cli.rate.is_some() || cli.overload.is_some() {
@@ -223,9 +223,11 @@ async fn client_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<
         .subscribe(schemas::subject(&prefix, Task::Embed))
         .await?;
     let reply = schemas::InferReply {
-        outputs: vec![schemas::Output::Text {
-            text: inputs[0].clone(),
-        }],
+        outputs: (0..cli.inputs_per_request)
+            .map(|i| schemas::Output::Text {
+                text: inputs[i % inputs.len()].clone(),
+            })
+            .collect(),
         model: "echo".to_string(),
         batch_size: 1,
     };
@@ -256,12 +258,15 @@ async fn client_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<
     for concurrency in levels {
         let load = crate::drive::Load::Closed { concurrency };
         let measure = Duration::from_secs(2);
-        let outcome = crate::drive::drive(&client, inputs, 1, load, measure, None).await;
-        anyhow::ensure!(
-            outcome.errors == 0,
-            "the client echo baseline failed: {:?}",
-            outcome.error_samples
-        );
+        let outcome =
+            crate::drive::drive(&client, inputs, cli.inputs_per_request, load, measure, None).await;
+        if outcome.errors > 0 {
+            echo.abort();
+            anyhow::bail!(
+                "the client echo baseline failed: {:?}",
+                outcome.error_samples
+            );
+        }
         let mut latencies = outcome.latencies;
         latencies.sort();
         baselines.push(EchoBaseline {

@@ -110,3 +110,35 @@ fn minilm_fused_matches_composite_from_one_token_to_the_longest_input() {
         );
     }
 }
+
+#[test]
+fn one_model_with_its_own_pool_serves_several_threads_at_once() {
+    // A model shared by threads (tools, tests): a caller that finds the encoder's buffers in
+    // use gets its own instead of waiting (waiting could deadlock inside the model's pool).
+    let options = BertOptions {
+        cpu_threads: 2,
+        ..BertOptions::default()
+    };
+    let model = std::sync::Arc::new(
+        BertModel::load_with(&tiny_mlm_dir(), &cpu_device(), options).expect("tiny model"),
+    );
+    let batch = random_batch(&mut fastrand::Rng::with_seed(3), &[128, 64, 5, 1], 30_522);
+    let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+    let expected = model.embed(&refs, &[false; 4]);
+    let (done_tx, done) = std::sync::mpsc::channel();
+    for _ in 0..4 {
+        let (model, batch, done_tx) = (model.clone(), batch.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+            for _ in 0..20 {
+                let _ = done_tx.send(model.embed(&refs, &[false; 4]));
+            }
+        });
+    }
+    for _ in 0..80 {
+        let got = done
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("every caller is answered (no deadlock)");
+        assert_eq!(got, expected);
+    }
+}

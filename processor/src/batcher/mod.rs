@@ -177,6 +177,8 @@ impl Batcher {
                                 .map(|t| (!model.supports(t)).then(|| model.unsupported_reason(t))),
                             preparer: model.preparer(),
                         };
+                        // Wakes the actor once this thread has ended (dropped after `_alive`).
+                        let _ended = worker::Ended(queue.clone());
                         // Counted while this thread serves, however it ends (from before
                         // `start` returns).
                         let _alive = worker::Alive::new(&stats);
@@ -195,8 +197,16 @@ impl Batcher {
         for rx in loaded {
             let result = rx
                 .await
-                .map_err(|_| anyhow::anyhow!("a model worker died while loading its model"))?;
-            info = Some(result?);
+                .map_err(|_| anyhow::anyhow!("a model worker died while loading its model"))
+                .and_then(|result| result);
+            match result {
+                Ok(loaded) => info = Some(loaded),
+                Err(err) => {
+                    // The workers that did load end (and drop their models).
+                    shared.stop();
+                    return Err(err);
+                }
+            }
         }
         let info = info.expect("at least one worker");
 

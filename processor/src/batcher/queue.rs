@@ -61,11 +61,26 @@ impl Shared {
         queue.enqueue(job);
         queue.dispatch(now, false);
         queue.publish();
-        let timer = queue.waits_for_company();
+        // The actor also answers for workers that are all gone (it fails what is queued).
+        let wake =
+            queue.waits_for_company() || queue.stats.workers_alive.load(Ordering::Relaxed) == 0;
         drop(queue);
-        if timer {
+        if wake {
             self.wake_actor.notify_one();
         }
+    }
+
+    /// Stops the queue now (a start that failed): workers that wait or ask end.
+    pub(super) fn stop(&self) {
+        let mut queue = self.lock();
+        queue.accepting = false;
+        queue.stopped = true;
+        queue.idle.clear();
+    }
+
+    /// Tells the actor that a worker thread ended (if it was the last, queued work fails).
+    pub(super) fn worker_ended(&self) {
+        self.wake_actor.notify_one();
     }
 
     /// A worker's next batch: one that is ready now, or the one handed to it once it is
@@ -85,6 +100,16 @@ impl Shared {
             }
         }
         if queue.stopped {
+            return None;
+        }
+        queue.publish();
+        if flush && queue.queued_inputs == 0 {
+            // Shutting down and everything is computed: end the queue here (the actor may be
+            // asleep) and let the other workers and the actor see it.
+            queue.stopped = true;
+            queue.idle.clear();
+            drop(queue);
+            self.wake_actor.notify_one();
             return None;
         }
         let (batch_tx, batch_rx) = oneshot::channel();
@@ -129,6 +154,9 @@ pub(super) async fn run(shared: Arc<Shared>, mut closed: mpsc::Receiver<()>) {
             let mut queue = shared.lock();
             let now = Instant::now();
             queue.sweep_if_due(now);
+            if queue.stopped {
+                break;
+            }
             queue.accepting = accepting;
             queue.dispatch(now, !accepting);
             if stats.workers_alive.load(Ordering::Relaxed) == 0 && queue.idle.is_empty() {

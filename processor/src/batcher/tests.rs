@@ -650,3 +650,121 @@ async fn a_queue_holding_more_work_than_max_queue_wait_refuses_as_overloaded() {
     harness.release(8);
     assert!(busy.await.unwrap().is_ok() && queued.await.unwrap().is_ok());
 }
+
+/// Spawns one request of `items` on `batcher`.
+fn spawn_on(
+    batcher: &Batcher,
+    items: &[&str],
+) -> tokio::task::JoinHandle<Result<Completed, Refused>> {
+    let batcher = batcher.clone();
+    let inputs = texts(items);
+    tokio::spawn(async move {
+        batcher
+            .infer(Task::Embed, inputs, InferOptions::default(), None)
+            .await
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_end_when_the_last_handle_goes_with_abandoned_inputs_queued() {
+    let (batches_tx, mut batches) = unbounded_channel();
+    let (permits, permits_rx) = unbounded_channel();
+    let permits_rx = Arc::new(Mutex::new(permits_rx));
+    let (batcher, workers) = Batcher::start(policy(1), 1, move |_| {
+        Ok(Recorder {
+            batches: batches_tx.clone(),
+            permits: Some(permits_rx.clone()),
+        })
+    })
+    .await
+    .unwrap();
+    let busy = spawn_on(&batcher, &["busy"]);
+    assert_eq!(batches.recv().await.unwrap(), ["busy"]);
+    // Two more requests queued behind it; then every caller gives up (their tasks, and the
+    // batcher handles they hold, are dropped) while the worker is still computing.
+    let abandoned = [
+        spawn_on(&batcher, &["left1"]),
+        spawn_on(&batcher, &["left2"]),
+    ];
+    while batcher.stats().queued.load(Ordering::Relaxed) != 2 {
+        tokio::task::yield_now().await;
+    }
+    for request in abandoned.iter().chain([&busy]) {
+        request.abort();
+    }
+    drop(batcher);
+    // Let the actor see the close while the worker is still busy: the worker then finds the
+    // queue finished by itself, with the actor asleep.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        permits.send(()).unwrap();
+    }
+    // The worker computes what was queued, finds the queue finished, and ends. (Joined on a
+    // thread of its own: a worker that never ends must fail the test, not hang it.)
+    let (joined_tx, joined) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        workers.join();
+        let _ = joined_tx.send(());
+    });
+    let joined = tokio::task::spawn_blocking(move || joined.recv_timeout(Duration::from_secs(10)));
+    assert!(
+        joined.await.unwrap().is_ok(),
+        "the worker did not end after the last batcher handle was dropped"
+    );
+}
+
+/// A model that says when it is dropped.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl BatchModel for DropFlag {
+    fn name(&self) -> &str {
+        "drop-flag"
+    }
+    fn supports(&self, _: Task) -> bool {
+        true
+    }
+    fn preparer(&self) -> Arc<dyn Prepare> {
+        Arc::new(CharCount)
+    }
+    fn run(&mut self, _: Task, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
+        inputs
+            .iter()
+            .map(|i| {
+                Ok(Output::Text {
+                    text: i.text.into(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_ends_the_workers_that_did_load() {
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = dropped.clone();
+    let started = Batcher::start(policy(4), 2, move |index| match index {
+        0 => Ok(DropFlag(flag.clone())),
+        _ => {
+            // Worker 0 is serving by now.
+            std::thread::sleep(Duration::from_millis(100));
+            anyhow::bail!("replica {index} could not load")
+        }
+    })
+    .await;
+    let error = started.err().expect("the start fails");
+    assert!(error.to_string().contains("could not load"), "{error}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dropped.load(Ordering::Relaxed) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loaded replica's model was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

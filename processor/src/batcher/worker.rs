@@ -28,6 +28,15 @@ impl Drop for Alive<'_> {
     }
 }
 
+/// Tells the queue's actor when dropped that a worker thread ended, however it ended.
+pub(super) struct Ended(pub(super) Arc<Shared>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.worker_ended();
+    }
+}
+
 /// What a worker reports once its model is loaded.
 pub(super) struct Loaded {
     pub(super) name: String,

@@ -65,7 +65,10 @@ pub struct CpuEncoder {
     heads: usize,
     intermediate: usize,
     eps: f32,
-    /// One batch at a time per model (a worker owns its model); the lock is never contended.
+    /// The buffers of the batch being computed. A worker owns its model, so the lock is free;
+    /// a model shared by several threads (tools, tests) gives a second caller buffers of its
+    /// own instead of waiting (waiting could deadlock: a rayon thread that holds the lock may
+    /// take another caller's job while it waits in a join).
     scratch: Mutex<Scratch>,
 }
 
@@ -184,12 +187,21 @@ impl CpuEncoder {
             tokens * self.hidden,
             "packed states and lengths disagree"
         );
-        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let mut own = Scratch::default();
+        let mut shared = match self.scratch.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let scratch: &mut Scratch = match shared.as_deref_mut() {
+            Some(scratch) => scratch,
+            None => &mut own,
+        };
         let Scratch {
             qkv,
             context,
             intermediate,
-        } = &mut *scratch;
+        } = scratch;
         let (h, i) = (self.hidden, self.intermediate);
         resize(qkv, tokens * 3 * h);
         resize(context, tokens * h);

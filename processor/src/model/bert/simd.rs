@@ -153,8 +153,18 @@ fn gelu_one(x: f32) -> f32 {
     // erfc(z) for z = |x|/√2; Φ(x) = erfc/2 for x <= 0, 1 - erfc/2 above.
     let half = 0.5 * erfc;
     let cdf = if x <= 0.0 { half } else { 1.0 - half };
-    x * cdf
+    // Far out (where the split above would overflow, and f32 has nothing left): Φ is 0 or 1.
+    if x < -GELU_TAIL {
+        -0.0
+    } else if x > GELU_TAIL {
+        x
+    } else {
+        x * cdf
+    }
 }
+
+/// Beyond this, exact GELU is `x` (above) or under 1e-80 (below) in f32.
+const GELU_TAIL: f32 = 20.0;
 
 multiversion! {
     /// `x = gelu(x)`, element-wise.
@@ -300,11 +310,19 @@ mod tests {
 
     #[test]
     fn gelu_of_large_inputs_is_x_or_zero() {
-        let mut ys = vec![50.0f32, 1e6, -50.0, -1e6, f32::MAX, -f32::MAX];
+        let mut ys = vec![
+            50.0f32,
+            1e6,
+            f32::MAX,
+            f32::INFINITY,
+            -50.0,
+            -1e6,
+            -f32::MAX,
+            f32::NEG_INFINITY,
+        ];
         gelu(&mut ys);
-        assert_eq!(&ys[..2], &[50.0, 1e6]);
-        assert!(ys[2..4].iter().all(|y| y.abs() < 1e-30), "{ys:?}");
-        assert_eq!(ys[4], f32::MAX);
+        assert_eq!(&ys[..4], &[50.0, 1e6, f32::MAX, f32::INFINITY]);
+        assert!(ys[4..].iter().all(|y| *y == 0.0), "{ys:?}");
     }
 
     #[test]
