@@ -1,10 +1,9 @@
 //! The core transport: NATS micro service endpoints in the processors' queue group, one
 //! reply per request on its reply subject.
 //!
-//! Each endpoint's loop admits: a message over the in-flight bounds is answered
-//! `overloaded` right there (nothing decoded); the others are answered by futures the same
-//! loop polls (no task spawned per request), which wait for the model without holding the
-//! loop up, so it keeps draining its subscription however slow the model is.
+//! Each endpoint's loop only admits: a message over the in-flight bounds is answered
+//! `overloaded` right there (nothing decoded), the others get a small task of their own, so
+//! the loop keeps draining its subscription however slow the model is.
 //!
 //! The endpoints live on a connection of their own. At shutdown that connection is drained:
 //! async-nats unsubscribes, reads and hands over what the server had already sent, and then
@@ -129,15 +128,6 @@ impl Intake {
     }
 }
 
-/// A request being answered: decoded, computed, replied to.
-type Answering = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-/// Takes the endpoint's messages and answers them, every request of the endpoint on this one
-/// task: a task spawned per request would hand each one to the runtime's scheduler, whose
-/// threads then wake each other to share them out (measured: that costs more than the
-/// decoding, batching and encoding of a small request put together). Large payloads and
-/// replies are still decoded and encoded on blocking threads, and the model runs on its
-/// workers' threads, so nothing heavy runs here.
 async fn serve_endpoint(
     route: Route,
     mut endpoint: Endpoint,
@@ -145,34 +135,19 @@ async fn serve_endpoint(
     requests: TaskTracker,
     route_replies: ReplyRoute,
 ) {
-    let mut answering = futures::stream::FuturesUnordered::<Answering>::new();
-    loop {
-        tokio::select! {
-            // Replies first: they free places in the in-flight bounds.
-            biased;
-            Some(()) = answering.next(), if !answering.is_empty() => {}
-            message = endpoint.next() => match message {
-                Some(request) => {
-                    if let Some(answer) = take(route, request, &pipeline, &requests, &route_replies).await {
-                        answering.push(answer);
-                    }
-                }
-                None => break,
-            },
-        }
+    while let Some(request) = endpoint.next().await {
+        take(route, request, &pipeline, &requests, &route_replies).await;
     }
-    // The subscription ended (drained or closed): answer what was taken.
-    while answering.next().await.is_some() {}
 }
 
-/// Admits one message (and returns what answers it), or answers it at once.
+/// Admits one message, or answers it at once.
 async fn take(
     route: Route,
     request: Request,
     pipeline: &Arc<Pipeline>,
     requests: &TaskTracker,
     route_replies: &ReplyRoute,
-) -> Option<Answering> {
+) {
     let received = Instant::now();
     let message = &request.message;
     let encoding = request::encoding_of(message.headers.as_ref(), &message.payload);
@@ -181,18 +156,17 @@ async fn take(
         Route::UnknownTask => {
             let name = message.subject.rsplit('.').next().unwrap_or_default();
             if Task::ALL.iter().any(|task| task.as_str() == name) {
-                return None; // its own endpoint answers it
+                return; // its own endpoint answers it
             }
             let reply = request::error_reply(encoding, request::unknown_task(name));
-            send(&request, None, reply, pipeline, route_replies).await;
-            return None;
+            return send(&request, None, reply, pipeline, route_replies).await;
         }
     };
     if message.reply.is_none() {
         // Nobody to answer: computing it would be wasted.
         tracing::warn!(subject = %message.subject, "a request without a reply subject: dropped");
         pipeline.record(Some(task), None, false);
-        return None;
+        return;
     }
     match pipeline.admit(
         task,
@@ -203,29 +177,22 @@ async fn take(
         Ok(ticket) => {
             let span = request::span(message);
             let (pipeline, route_replies) = (pipeline.clone(), route_replies.clone());
-            // Counted as in flight by the tracker until answered (the drain waits for it).
-            let tracked = requests.token();
-            Some(Box::pin(
-                async move {
-                    handle(
-                        task,
-                        encoding,
-                        request,
-                        pipeline,
-                        ticket,
-                        received,
-                        route_replies,
-                    )
-                    .await;
-                    drop(tracked);
-                }
+            requests.spawn(
+                handle(
+                    task,
+                    encoding,
+                    request,
+                    pipeline,
+                    ticket,
+                    received,
+                    route_replies,
+                )
                 .instrument(span),
-            ))
+            );
         }
         Err(overloaded) => {
             let reply = request::error_reply(encoding, overloaded);
             send(&request, Some(task), reply, pipeline, route_replies).await;
-            None
         }
     }
 }
