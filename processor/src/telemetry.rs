@@ -159,10 +159,8 @@ impl Telemetry {
     /// Counts one answered request.
     pub fn count_request(&self, task: Option<Task>, outcome: Result<(), &ErrorBody>) {
         if let (Some(task), Ok(())) = (task, outcome) {
-            if let Some(index) = Task::ALL.iter().position(|t| *t == task) {
-                self.requests_ok[index].inc();
-                return;
-            }
+            self.requests_ok[crate::batcher::task_index(task)].inc();
+            return;
         }
         let task = task.map_or("unknown", Task::as_str).to_string();
         let outcome = match outcome {

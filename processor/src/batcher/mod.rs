@@ -381,7 +381,8 @@ impl Batcher {
     }
 }
 
-pub(super) fn task_index(task: Task) -> usize {
+/// A task's position in `Task::ALL` (per-task tables).
+pub(crate) fn task_index(task: Task) -> usize {
     Task::ALL
         .iter()
         .position(|t| *t == task)

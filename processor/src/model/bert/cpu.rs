@@ -203,9 +203,9 @@ impl CpuEncoder {
             intermediate,
         } = scratch;
         let (h, i) = (self.hidden, self.intermediate);
-        resize(qkv, tokens * 3 * h);
-        resize(context, tokens * h);
-        resize(intermediate, tokens * i);
+        qkv.resize(tokens * 3 * h, 0.0);
+        context.resize(tokens * h, 0.0);
+        intermediate.resize(tokens * i, 0.0);
         for layer in &self.layers {
             // Self-attention: packed q|k|v per token, then per (input, head).
             simd::fill_rows(qkv, &layer.qkv_bias);
@@ -252,7 +252,7 @@ impl CpuEncoder {
                 return;
             }
             SCORES.with_borrow_mut(|scores| {
-                resize(scores, len * len);
+                scores.resize(len * len, 0.0);
                 let row = (3 * h) as isize;
                 let base = (qkv_ptr as *const f32).wrapping_add(first * 3 * h + head * d);
                 // SAFETY: q, k and v of this input's tokens and this head lie inside `qkv`
@@ -295,9 +295,4 @@ impl CpuEncoder {
             (0..tasks).map(|t| (t / heads, t % heads)).for_each(one);
         }
     }
-}
-
-/// Sets `buffer`'s length, keeping its allocation when it shrinks.
-fn resize(buffer: &mut Vec<f32>, len: usize) {
-    buffer.resize(len, 0.0);
 }
