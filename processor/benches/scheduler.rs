@@ -11,6 +11,9 @@
 //!
 //! - `transport`: the `echo` model through core NATS and through the JetStream work queue:
 //!   median latency one request at a time, and requests/s with 64 in flight.
+//! - `cache`: all-MiniLM-L6-v2 on the CPU through the batcher with the output cache, requests
+//!   of 8 mixed-length sentences of which 0%, 50% or 90% repeat earlier inputs: inputs/s
+//!   against the 0% row of the same run.
 //!
 //!   cargo bench -p processor --bench scheduler                  # every part
 //!   BENCH_PARTS=sim cargo bench -p processor --bench scheduler  # one part
@@ -52,6 +55,90 @@ fn main() {
     if wanted("transport") {
         runtime.block_on(transports());
     }
+    if wanted("cache") {
+        runtime.block_on(cache_repeats());
+    }
+}
+
+/// Inputs/s with 0%, 50% and 90% of the inputs repeating earlier ones, through the batcher
+/// with the default output cache; every row on the same model and the same queue.
+async fn cache_repeats() {
+    use processor::cache::OutputCache;
+    use std::sync::Arc;
+
+    let model_dir = common::minilm_dir();
+    let mixed = common::sentences("mixed8_128");
+    const INPUTS: usize = 768;
+    const PER_REQUEST: usize = 8;
+    println!(
+        "all-MiniLM-L6-v2 on the CPU, {INPUTS} mixed 8-128-token sentences per row in requests of \
+         {PER_REQUEST}, all queued at once; output cache on (64 MiB)"
+    );
+    println!("| repeated inputs | inputs/s | cache hit rate | ratio |");
+    println!("|---:|---:|---:|---:|");
+    let policy = BatchPolicy::new(BATCH_SIZE, 4096);
+    let dir = model_dir.clone();
+    let (batcher, workers) = Batcher::start(policy, 1, move |_| {
+        BertModel::load(&dir, &processor::model::cpu_device()).map_err(anyhow::Error::from)
+    })
+    .await
+    .unwrap();
+    let mut baseline = None;
+    let mut serial = 0usize;
+    for repeated in [0.0, 0.5, 0.9] {
+        // A fresh cache per row; its repeats come from a pool of 64 inputs computed first.
+        let cache = Arc::new(OutputCache::new(64 << 20, &[Task::Embed]));
+        let batcher = batcher.clone().with_cache(Some(cache.clone()));
+        let pool: Vec<String> = mixed[..64].iter().map(|t| format!("{t} (pool)")).collect();
+        batcher
+            .infer(Task::Embed, pool.clone(), InferOptions::default(), None)
+            .await
+            .unwrap();
+        let before = cache.stats();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let texts: Vec<String> = (0..INPUTS)
+            .map(|_| {
+                if rng.f64() < repeated {
+                    pool[rng.usize(..pool.len())].clone()
+                } else {
+                    // A new text of the same length class: never seen, so a miss.
+                    serial += 1;
+                    format!("{} #{serial}", mixed[rng.usize(..mixed.len())])
+                }
+            })
+            .collect();
+        let started = Instant::now();
+        let requests: Vec<_> = texts
+            .chunks(PER_REQUEST)
+            .map(|chunk| {
+                let batcher = batcher.clone();
+                let chunk = chunk.to_vec();
+                tokio::spawn(async move {
+                    batcher
+                        .infer(Task::Embed, chunk, InferOptions::default(), None)
+                        .await
+                })
+            })
+            .collect();
+        for request in requests {
+            request.await.unwrap().unwrap();
+        }
+        let rate = INPUTS as f64 / started.elapsed().as_secs_f64();
+        let after = cache.stats();
+        let hits = after.hits - before.hits;
+        let looked_up = hits + after.misses - before.misses;
+        let base = *baseline.get_or_insert(rate);
+        println!(
+            "| {:.0}% | {rate:.1} | {:.1}% | {:.2}× |",
+            repeated * 100.0,
+            100.0 * hits as f64 / looked_up as f64,
+            rate / base
+        );
+    }
+    drop(batcher);
+    tokio::task::spawn_blocking(move || workers.join())
+        .await
+        .unwrap();
 }
 
 /// Echo through each transport: latency one at a time, and throughput with 64 in flight.

@@ -30,6 +30,8 @@ pub struct Config {
     pub model: ModelConfig,
     /// How requests are grouped into batches.
     pub batch: BatchConfig,
+    /// The per-input output cache.
+    pub cache: CacheConfig,
     /// The durable transport (used when `service.transport = "jetstream"`).
     pub jetstream: JetStreamConfig,
     /// Metrics and health endpoints.
@@ -614,6 +616,31 @@ pub struct BatchConfig {
     pub length_grouping: bool,
     /// How many of the oldest queued inputs length grouping chooses from.
     pub grouping_window: usize,
+    /// Longest a `Priority: bulk` input waits behind interactive ones: once the oldest bulk
+    /// input of a task has waited this long, that task's next batch starts with bulk inputs.
+    pub bulk_max_wait_ms: u64,
+}
+
+/// Default of `batch.bulk_max_wait_ms`.
+pub const DEFAULT_BULK_MAX_WAIT_MS: u64 = 1000;
+
+/// `[cache]`: outputs kept per input (see the `cache` module), for BERT models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most bytes the cache holds (texts, outputs and per-entry overhead); 0 turns it off.
+    pub max_bytes: u64,
+    /// The tasks whose outputs are cached.
+    pub tasks: Vec<schemas::Task>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: 64 << 20,
+            tasks: vec![schemas::Task::Embed, schemas::Task::Rerank],
+        }
+    }
 }
 
 impl Default for BatchConfig {
@@ -627,6 +654,7 @@ impl Default for BatchConfig {
             max_queue_wait_ms: 10_000,
             length_grouping: true,
             grouping_window: 256,
+            bulk_max_wait_ms: DEFAULT_BULK_MAX_WAIT_MS,
         }
     }
 }

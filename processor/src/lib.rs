@@ -8,6 +8,7 @@
 
 pub mod bare;
 pub mod batcher;
+pub mod cache;
 pub mod config;
 mod lifecycle;
 pub mod model;

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::batcher::{BatchPolicy, Batcher, Workers};
+use crate::cache::OutputCache;
 use crate::config::{Config, Transport, WarmUp};
 use crate::model;
 use crate::pipeline::{Admission, Pipeline};
@@ -65,6 +66,17 @@ impl Processor {
         })
         .await
         .context("loading the model")?;
+        // Outputs of the test models (echo, sim) are not worth keeping: they would only
+        // flatter the middleware's measurements.
+        let cache = (config.model.kind == crate::config::ModelKind::Bert
+            && config.cache.max_bytes > 0)
+            .then(|| {
+                Arc::new(OutputCache::new(
+                    config.cache.max_bytes,
+                    &config.cache.tasks,
+                ))
+            });
+        let batcher = batcher.with_cache(cache);
         telemetry.model_loaded(batcher.stats().clone(), loading.elapsed().as_secs_f64());
         telemetry.model_warmed_up();
 
@@ -280,7 +292,7 @@ async fn register(
     ]);
     client
         .service_builder()
-        .description("batched BERT inference (embed, fill_mask)")
+        .description("batched BERT inference (embed, fill_mask, rerank, classify)")
         .queue_group(&config.service.queue_group)
         .metadata(metadata)
         .stats_handler(move |_endpoint, _stats| {

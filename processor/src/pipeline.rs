@@ -251,12 +251,15 @@ impl Pipeline {
         let inputs = parsed.inputs.len();
         let completed = self
             .batcher
-            .infer_traced(
+            .infer_with(
                 task,
                 parsed.inputs,
                 parsed.options,
-                parsed.deadline,
-                parsed.request_id,
+                crate::batcher::RequestMeta {
+                    deadline: parsed.deadline,
+                    priority: parsed.priority,
+                    request_id: parsed.request_id,
+                },
             )
             .await;
         let result = completed

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::HeaderMap;
 use schemas::{
     decode, encode, headers, CodecError, Encoding, ErrorBody, ErrorCode, InferOptions, InferReply,
-    InferRequest, Task,
+    InferRequest, Input, Priority, Task,
 };
 use tokio::time::Instant;
 
@@ -40,8 +40,10 @@ impl Limits {
 /// A request that decoded and is within every limit.
 #[derive(Debug)]
 pub(crate) struct Parsed {
-    pub inputs: Vec<String>,
+    pub inputs: Vec<Input>,
     pub options: InferOptions,
+    /// The `Priority` header (interactive when absent).
+    pub priority: Priority,
     /// When computing it stops being useful.
     pub deadline: Option<Instant>,
     /// The requester's `Request-Id`, for the logs.
@@ -79,10 +81,17 @@ pub(crate) fn parse(
     let request: InferRequest =
         decode(encoding, payload).map_err(|e| malformed(encoding, payload, e))?;
     let deadline = deadline(message_headers, request.timeout_ms, received)?;
+    let priority = match header(message_headers, headers::PRIORITY) {
+        None => Priority::default(),
+        Some(value) => value
+            .parse()
+            .map_err(|e: String| ErrorBody::new(ErrorCode::MalformedRequest, one_line(&e)))?,
+    };
     check(task, &request, limits)?;
     Ok(Parsed {
         inputs: request.inputs,
         options: request.options,
+        priority,
         deadline,
         request_id: header(message_headers, headers::REQUEST_ID).map(Arc::from),
     })
@@ -126,6 +135,23 @@ fn check(task: Task, request: &InferRequest, limits: &Limits) -> Result<(), Erro
         ));
     }
     for (i, input) in request.inputs.iter().enumerate() {
+        match (task.takes_pairs(), input) {
+            (true, Input::Text(_)) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidInput,
+                    format!("input {i} is a single text; {task} takes [query, passage] pairs"),
+                ))
+            }
+            (false, Input::Pair(..)) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidInput,
+                    format!(
+                        "input {i} is a pair; {task} takes single texts (only rerank takes pairs)"
+                    ),
+                ))
+            }
+            _ => {}
+        }
         if input.is_empty() {
             return Err(ErrorBody::new(
                 ErrorCode::InvalidInput,
@@ -143,7 +169,7 @@ fn check(task: Task, request: &InferRequest, limits: &Limits) -> Result<(), Erro
             ));
         }
     }
-    if task == Task::FillMask {
+    if matches!(task, Task::FillMask | Task::Classify) {
         if let Some(top_k) = request.options.top_k {
             if top_k == 0 || top_k > limits.max_top_k {
                 return Err(ErrorBody::new(
@@ -157,7 +183,7 @@ fn check(task: Task, request: &InferRequest, limits: &Limits) -> Result<(), Erro
         }
         if let Some(mask) = limits.mask_token.as_deref() {
             for (i, input) in request.inputs.iter().enumerate() {
-                let masks = input.matches(mask).count();
+                let masks = input.text().matches(mask).count();
                 if masks > limits.max_masks_per_input {
                     return Err(ErrorBody::new(
                         ErrorCode::TooLarge,
@@ -229,7 +255,7 @@ fn deadline(
 pub(crate) fn unknown_task(name: &str) -> ErrorBody {
     ErrorBody::new(
         ErrorCode::UnknownTask,
-        format!("unknown task `{name}`; this service serves embed and fill_mask"),
+        format!("unknown task `{name}`; this service serves embed, fill_mask, rerank and classify"),
     )
 }
 
@@ -485,6 +511,44 @@ mod tests {
         }
         // Embedding texts may contain the mask token's text as often as they like.
         assert!(parse_json(Task::Embed, &format!(r#"{{"inputs": ["{many}"]}}"#), None).is_ok());
+    }
+
+    #[test]
+    fn pairs_go_to_rerank_only_and_priority_is_read_from_its_header() {
+        let pairs = r#"{"inputs": [["what is nats", "a message bus"]]}"#;
+        let parsed = parse_json(Task::Rerank, pairs, None).unwrap();
+        assert_eq!(parsed.priority, Priority::Interactive);
+        assert_eq!(parsed.inputs[0].passage(), Some("a message bus"));
+        let error = parse_json(Task::Embed, pairs, None).unwrap_err();
+        assert_eq!(error.kind, ErrorCode::InvalidInput);
+        assert!(
+            error.message.contains("only rerank takes pairs"),
+            "{}",
+            error.message
+        );
+        let error = parse_json(Task::Rerank, r#"{"inputs": ["text"]}"#, None).unwrap_err();
+        assert!(
+            error.message.contains("[query, passage] pairs"),
+            "{}",
+            error.message
+        );
+        let error = parse_json(Task::Rerank, r#"{"inputs": [["q", ""]]}"#, None).unwrap_err();
+        assert_eq!(error.message, "input 0 is empty");
+        // The byte limit counts both texts of a pair.
+        let half = "x".repeat(ServiceConfig::default().max_input_bytes / 2 + 1);
+        let json = format!(r#"{{"inputs": [["{half}", "{half}"]]}}"#);
+        let error = parse_json(Task::Rerank, &json, None).unwrap_err();
+        assert_eq!(error.kind, ErrorCode::TooLarge);
+
+        let mut bulk = HeaderMap::new();
+        bulk.insert(headers::PRIORITY, "bulk");
+        let parsed = parse_json(Task::Classify, r#"{"inputs": ["x"]}"#, Some(&bulk)).unwrap();
+        assert_eq!(parsed.priority, Priority::Bulk);
+        let mut bad = HeaderMap::new();
+        bad.insert(headers::PRIORITY, "urgent");
+        let error = parse_json(Task::Embed, r#"{"inputs": ["x"]}"#, Some(&bad)).unwrap_err();
+        assert_eq!(error.kind, ErrorCode::MalformedRequest);
+        assert!(error.message.contains("interactive"), "{}", error.message);
     }
 
     #[test]

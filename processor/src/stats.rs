@@ -2,6 +2,7 @@
 //! NATS micro `$SRV.STATS` data (and by the metrics exporter).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -154,6 +155,8 @@ pub struct BatcherStats {
     /// Recent compute time per input in large batches, in seconds (an f64's bits; a moving
     /// average), from which the queue estimates how long its backlog takes.
     pub(crate) seconds_per_input: AtomicU64,
+    /// The output cache, if the batcher has one (its counters are reported with these).
+    pub cache: std::sync::OnceLock<Arc<crate::cache::OutputCache>>,
 }
 
 impl Default for BatcherStats {
@@ -175,6 +178,7 @@ impl Default for BatcherStats {
             workers_alive: counter(),
             queue_alive: AtomicBool::new(false),
             seconds_per_input: counter(),
+            cache: std::sync::OnceLock::new(),
         }
     }
 }
@@ -266,6 +270,18 @@ impl BatcherStats {
             "queue_wait_seconds": self.queue_wait.to_json(),
             "compute_seconds": self.compute.to_json(),
             "batch_size": self.batch_size.to_json(),
+            "cache": self.cache.get().map(|cache| {
+                let stats = cache.stats();
+                let looked_up = stats.hits + stats.misses;
+                json!({
+                    "hits": stats.hits,
+                    "misses": stats.misses,
+                    "hit_rate": if looked_up == 0 { 0.0 } else { stats.hits as f64 / looked_up as f64 },
+                    "entries": stats.entries,
+                    "bytes": stats.bytes,
+                    "capacity_bytes": stats.capacity,
+                })
+            }),
         })
     }
 }

@@ -406,6 +406,59 @@ impl Collector for ScrapeTime {
             let metric = ConstCounter::new(value);
             metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
         }
+        if let Some(cache) = stats.cache.get() {
+            let cache = cache.stats();
+            for (name, help, value) in [
+                (
+                    "bert_cache_hits",
+                    "Inputs answered from the output cache",
+                    cache.hits,
+                ),
+                (
+                    "bert_cache_misses",
+                    "Inputs looked up in the output cache and computed",
+                    cache.misses,
+                ),
+            ] {
+                let metric = ConstCounter::new(value);
+                metric.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    metric.metric_type(),
+                )?)?;
+            }
+            let looked_up = cache.hits + cache.misses;
+            let hit_rate = if looked_up == 0 {
+                0.0
+            } else {
+                cache.hits as f64 / looked_up as f64
+            };
+            gauge(
+                &mut encoder,
+                "bert_cache_hit_ratio",
+                "Share of looked-up inputs answered from the output cache, since start",
+                hit_rate,
+            )?;
+            gauge(
+                &mut encoder,
+                "bert_cache_bytes",
+                "Bytes the output cache holds",
+                cache.bytes as i64,
+            )?;
+            gauge(
+                &mut encoder,
+                "bert_cache_entries",
+                "Entries the output cache holds",
+                cache.entries as i64,
+            )?;
+            gauge(
+                &mut encoder,
+                "bert_cache_capacity_bytes",
+                "Most bytes the output cache holds (cache.max_bytes)",
+                cache.capacity as i64,
+            )?;
+        }
         gauge(
             &mut encoder,
             "bert_queue_depth",

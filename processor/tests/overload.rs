@@ -26,7 +26,7 @@ async fn the_largest_valid_fill_mask_request_succeeds_in_bounded_memory() {
     let text = vec!["[MASK]"; defaults.max_masks_per_input].join(" ");
     let inputs = vec![text.as_str(); defaults.max_inputs];
     let request = InferRequest {
-        inputs: inputs.iter().map(|s| s.to_string()).collect(),
+        inputs: inputs.iter().map(|&s| schemas::Input::from(s)).collect(),
         options: InferOptions {
             top_k: Some(defaults.max_top_k),
             ..InferOptions::default()

@@ -12,8 +12,8 @@ use std::time::Duration;
 use async_nats::{HeaderMap, RequestErrorKind};
 use futures::StreamExt;
 use schemas::{
-    decode, encode, headers, Encoding, ErrorBody, ErrorCode, FillMaskOutput, InferReply,
-    InferRequest, Output, Task,
+    decode, encode, headers, Encoding, ErrorBody, ErrorCode, FillMaskOutput, InferOptions,
+    InferReply, InferRequest, LabelScore, Output, Priority, Task,
 };
 
 /// How requests travel to the processors.
@@ -46,6 +46,8 @@ pub struct ClientOptions {
     pub backoff: Duration,
     /// Encoding of requests (replies come back in the same one).
     pub encoding: Encoding,
+    /// Sent as the `Priority` header: `bulk` work lets interactive requests go first.
+    pub priority: Priority,
 }
 
 impl Default for ClientOptions {
@@ -57,8 +59,18 @@ impl Default for ClientOptions {
             retries: 3,
             backoff: Duration::from_millis(50),
             encoding: Encoding::Cbor,
+            priority: Priority::Interactive,
         }
     }
+}
+
+/// A `rerank` result: how relevant a passage is to the query.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Relevance {
+    /// `sigmoid(raw_score)`, in (0, 1).
+    pub score: f32,
+    /// The cross-encoder's logit.
+    pub raw_score: f32,
 }
 
 /// Why a request failed.
@@ -326,6 +338,48 @@ impl Client {
             .collect()
     }
 
+    /// Relevance of each passage to the query (a cross-encoder scores each pair), in passage
+    /// order.
+    pub async fn rerank(&self, query: &str, passages: &[&str]) -> Result<Vec<Relevance>, Error> {
+        let pairs = passages.iter().map(|&passage| (query, passage));
+        let reply = self
+            .request(Task::Rerank, &InferRequest::new(pairs))
+            .await?;
+        reply
+            .outputs
+            .into_iter()
+            .map(|output| match output {
+                Output::Score { score, raw_score } => Ok(Relevance { score, raw_score }),
+                other => Err(Error::BadReply(format!("expected a score, got {other:?}"))),
+            })
+            .collect()
+    }
+
+    /// The `top_k` most likely labels of each input (every label when `None`), most likely
+    /// first.
+    pub async fn classify(
+        &self,
+        inputs: &[&str],
+        top_k: Option<u32>,
+    ) -> Result<Vec<Vec<LabelScore>>, Error> {
+        let request = InferRequest {
+            options: InferOptions {
+                top_k,
+                ..InferOptions::default()
+            },
+            ..InferRequest::new(inputs.iter().copied())
+        };
+        let reply = self.request(Task::Classify, &request).await?;
+        reply
+            .outputs
+            .into_iter()
+            .map(|output| match output {
+                Output::Labels { labels } => Ok(labels),
+                other => Err(Error::BadReply(format!("expected labels, got {other:?}"))),
+            })
+            .collect()
+    }
+
     /// Sends any request to a task and returns the whole reply. A request whose reply would
     /// exceed the server's message size (the processor answers `too_large` with how many
     /// inputs fit) is split into requests of that many inputs, and the replies joined.
@@ -418,6 +472,9 @@ impl Client {
         // The processor drops the request instead of computing it after we stop waiting.
         let budget_ms = self.options.timeout.as_millis().max(1).to_string();
         request_headers.insert(headers::REQUEST_TIMEOUT_MS, budget_ms.as_str());
+        if self.options.priority != Priority::Interactive {
+            request_headers.insert(headers::PRIORITY, self.options.priority.as_str());
+        }
         let request = async_nats::Request::new()
             .payload(payload)
             .headers(request_headers)
@@ -476,6 +533,9 @@ impl Client {
         request_headers.insert(headers::REPLY_INBOX, inbox.as_str());
         let budget_ms = self.options.timeout.as_millis().max(1).to_string();
         request_headers.insert(headers::REQUEST_TIMEOUT_MS, budget_ms.as_str());
+        if self.options.priority != Priority::Interactive {
+            request_headers.insert(headers::PRIORITY, self.options.priority.as_str());
+        }
 
         let attempts = self.options.retries + 1;
         // The best error heard so far: a reply that may be about an earlier attempt (all

@@ -462,3 +462,159 @@ async fn a_late_timeout_reply_to_an_earlier_attempt_does_not_end_a_durable_reque
         .expect("the second attempt's answer is taken");
     assert_eq!(answer.outputs, reply.outputs);
 }
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../processor/tests/fixtures")
+        .join(name)
+}
+
+/// A processor serving a tiny checkpoint of the repo's fixtures on `prefix`.
+async fn start_bert(url: &str, checkpoint: &str, prefix: &str) -> ProcessorHandle {
+    let (checkpoint, prefix) = (fixture(checkpoint), prefix.to_string());
+    start_processor(url, move |config| {
+        config.model.kind = ModelKind::Bert;
+        config.model.path = checkpoint;
+        config.service.name = format!("{prefix}-processor");
+        config.service.subject_prefix = prefix;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerank_and_classify_through_nats_equal_the_model_called_directly() {
+    use processor::model::bert::BertModel;
+    use processor::model::{cpu_device, BatchModel};
+    use schemas::{InferOptions, Input, Priority};
+
+    let server = NatsServer::start();
+    let rank = start_bert(&server.url(), "tiny-xlm-roberta-rerank", "rank").await;
+    let cls = start_bert(&server.url(), "tiny-bert-classify", "cls").await;
+    let passages = [
+        "Paris is the capital of France.",
+        "Bananas are yellow.",
+        "東京は日本の首都です",
+    ];
+    let query = "what is the capital of france";
+
+    let mut direct = BertModel::load(&fixture("tiny-xlm-roberta-rerank"), &cpu_device()).unwrap();
+    let pairs: Vec<Input> = passages.iter().map(|&p| Input::from((query, p))).collect();
+    let expected = direct.run_inputs(Task::Rerank, &pairs, &InferOptions::default());
+    for priority in [Priority::Interactive, Priority::Bulk] {
+        let options = ClientOptions {
+            prefix: "rank".into(),
+            priority,
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with(&server.url(), options).await.unwrap();
+        let scores = client.rerank(query, &passages).await.unwrap();
+        for (got, expected) in scores.iter().zip(&expected) {
+            let Ok(Output::Score { score, raw_score }) = expected else {
+                panic!("{expected:?}")
+            };
+            assert!(
+                (got.raw_score - raw_score).abs() <= 1e-5,
+                "{got:?} vs {raw_score}"
+            );
+            assert!((got.score - score).abs() <= 1e-5);
+            assert!(got.score > 0.0 && got.score < 1.0);
+        }
+    }
+    // The second round was answered from the cache: the same scores, and counted.
+    let stats: serde_json::Value = {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let reply = client
+            .request("$SRV.STATS.rank-processor", "".into())
+            .await
+            .unwrap();
+        serde_json::from_slice(&reply.payload).unwrap()
+    };
+    let caches: Vec<&serde_json::Value> = stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subject"] == "rank.rerank")
+        .map(|e| &e["data"]["cache"])
+        .collect();
+    assert!(
+        caches.iter().any(|c| c["hits"].as_u64() >= Some(3)),
+        "{caches:?}"
+    );
+
+    // A pair sent to classify, a text sent to rerank: 400 invalid_input; rerank on a
+    // classifier: 422 unsupported_task.
+    let client = Client::connect_with(
+        &server.url(),
+        ClientOptions {
+            prefix: "cls".into(),
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let labels = client
+        .classify(&["a lovely day", "a terrible day"], Some(2))
+        .await
+        .unwrap();
+    assert!(labels
+        .iter()
+        .all(|l| l.len() == 2 && l[0].score >= l[1].score));
+    let mut direct = BertModel::load(&fixture("tiny-bert-classify"), &cpu_device()).unwrap();
+    let expected = direct.run_texts(Task::Classify, &["a lovely day"], &InferOptions::default());
+    let Ok(Output::Labels { labels: all }) = &expected[0] else {
+        panic!("{expected:?}")
+    };
+    assert_eq!(labels[0][0].label, all[0].label);
+    assert!((labels[0][0].score - all[0].score).abs() <= 1e-5);
+    let error = client
+        .request(Task::Rerank, &InferRequest::new([("q", "p")]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.service_error().unwrap().kind,
+        ErrorCode::UnsupportedTask
+    );
+    let error = client
+        .request(Task::Classify, &InferRequest::new([("q", "p")]))
+        .await
+        .unwrap_err();
+    assert_eq!(error.service_error().unwrap().kind, ErrorCode::InvalidInput);
+
+    // The CLI: one line per passage, the pair as the input.
+    let lines = producer_json_lines(
+        &server.url(),
+        args(&[
+            "--prefix",
+            "rank",
+            "--priority",
+            "bulk",
+            "rerank",
+            "--query",
+            query,
+            passages[0],
+            passages[1],
+        ]),
+    )
+    .await;
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["input"], serde_json::json!([query, passages[0]]));
+    assert!(lines[0]["score"].as_f64().unwrap() > 0.0);
+    let lines = producer_json_lines(
+        &server.url(),
+        args(&[
+            "--prefix",
+            "cls",
+            "classify",
+            "--top-k",
+            "1",
+            "a lovely day",
+        ]),
+    )
+    .await;
+    assert_eq!(
+        lines[0]["labels"][0]["label"],
+        serde_json::json!(&*all[0].label)
+    );
+    rank.shutdown().await.unwrap();
+    cls.shutdown().await.unwrap();
+}

@@ -189,13 +189,20 @@ mod tests {
     proptest! {
         #[test]
         fn requests_round_trip_in_both_encodings(
-            inputs in prop::collection::vec(".{0,40}", 0..6),
+            inputs in prop::collection::vec((".{0,40}", prop::option::of(".{0,20}")), 0..6),
             top_k in prop::option::of(0u32..100),
             normalize in prop::option::of(any::<bool>()),
             timeout_ms in prop::option::of(any::<u64>()),
         ) {
             let request = InferRequest {
-                inputs,
+                // Texts and pairs, in any mix.
+                inputs: inputs
+                    .into_iter()
+                    .map(|(text, passage)| match passage {
+                        None => crate::Input::from(text),
+                        Some(passage) => crate::Input::from((text, passage)),
+                    })
+                    .collect(),
                 options: InferOptions { top_k, normalize, truncate: None },
                 timeout_ms,
             };

@@ -14,7 +14,10 @@ pub use codec::{decode, encode, CodecError, Encoding};
 pub use error::{ErrorBody, ErrorCode};
 pub use server_url::{redact_server_urls, ServerUrls, UrlCredentials};
 pub use task::{subject, Task, UnknownTask, DEFAULT_SUBJECT_PREFIX};
-pub use types::{FillMaskOutput, InferOptions, InferReply, InferRequest, MaskPrediction, Output};
+pub use types::{
+    FillMaskOutput, InferOptions, InferReply, InferRequest, Input, LabelScore, MaskPrediction,
+    Output, Priority,
+};
 
 /// Header names used on requests and replies.
 pub mod headers {
@@ -35,6 +38,10 @@ pub mod headers {
     /// On requests (optional): an id of the caller's choosing, carried through the processor's
     /// logs of the request and of the batch that computed it.
     pub const REQUEST_ID: &str = "Request-Id";
+    /// On requests (optional): `interactive` (the default) or `bulk`. Bulk inputs fill what
+    /// room interactive ones leave in each batch, and are served first once they have waited
+    /// the processor's `batch.bulk_max_wait_ms`, so they are never starved.
+    pub const PRIORITY: &str = "Priority";
     /// On requests sent through the JetStream transport: the inbox to reply to (JetStream
     /// uses the message's own reply subject for acknowledgements).
     pub const REPLY_INBOX: &str = "Reply-Inbox";

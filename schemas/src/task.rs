@@ -16,18 +16,29 @@ pub enum Task {
     Embed,
     /// Predictions for every `[MASK]` token of each input.
     FillMask,
+    /// A relevance score per (query, passage) pair, from a cross-encoder.
+    Rerank,
+    /// Labels with probabilities per input, from a sequence-classification head.
+    Classify,
 }
 
 impl Task {
     /// Every task of the protocol, in a stable order.
-    pub const ALL: [Task; 2] = [Task::Embed, Task::FillMask];
+    pub const ALL: [Task; 4] = [Task::Embed, Task::FillMask, Task::Rerank, Task::Classify];
 
     /// The task's name as it appears in subjects and documents.
     pub fn as_str(self) -> &'static str {
         match self {
             Task::Embed => "embed",
             Task::FillMask => "fill_mask",
+            Task::Rerank => "rerank",
+            Task::Classify => "classify",
         }
+    }
+
+    /// Whether the task's inputs are (query, passage) pairs rather than single texts.
+    pub fn takes_pairs(self) -> bool {
+        self == Task::Rerank
     }
 }
 
@@ -39,7 +50,7 @@ impl fmt::Display for Task {
 
 /// A task name that the protocol does not define.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown task `{0}`; known tasks: embed, fill_mask")]
+#[error("unknown task `{0}`; known tasks: embed, fill_mask, rerank, classify")]
 pub struct UnknownTask(pub String);
 
 impl FromStr for Task {
@@ -50,6 +61,8 @@ impl FromStr for Task {
         match s {
             "embed" => Ok(Task::Embed),
             "fill_mask" | "fill-mask" => Ok(Task::FillMask),
+            "rerank" => Ok(Task::Rerank),
+            "classify" => Ok(Task::Classify),
             other => Err(UnknownTask(other.to_string())),
         }
     }
@@ -72,6 +85,8 @@ mod tests {
         assert_eq!("fill-mask".parse::<Task>().unwrap(), Task::FillMask);
         assert_eq!(subject("bert", Task::FillMask), "bert.fill_mask");
         assert_eq!(subject("a.b", Task::Embed), "a.b.embed");
+        assert_eq!(subject("bert", Task::Rerank), "bert.rerank");
+        assert!(Task::Rerank.takes_pairs() && !Task::Classify.takes_pairs());
         let err = "translate".parse::<Task>().unwrap_err();
         assert!(err.to_string().contains("translate"));
     }

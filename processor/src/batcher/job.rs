@@ -4,11 +4,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use schemas::{ErrorCode, InferOptions, Output, Task};
+use schemas::{ErrorCode, InferOptions, Input, Output, Priority, Task};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Completed, Refused};
+use crate::cache::OutputCache;
 use crate::model::{InputError, Prepared};
 
 /// The error of a request whose deadline passed before its batch started.
@@ -35,9 +36,15 @@ pub(super) fn input_error(index: usize, inputs: usize, error: InputError) -> Ref
 /// One request in flight: its prepared inputs and the results gathered so far.
 pub(super) struct Job {
     pub(super) task: Task,
-    pub(super) inputs: Vec<String>,
+    pub(super) inputs: Vec<Input>,
+    /// One per input (a default one for inputs answered from the cache).
     pub(super) prepared: Vec<Prepared>,
+    /// The inputs to compute, by index: those the cache did not answer.
+    pub(super) to_compute: Vec<usize>,
     pub(super) options: InferOptions,
+    pub(super) priority: Priority,
+    /// Where computed outputs are kept, if the task's outputs are cached.
+    pub(super) cache: Option<Arc<OutputCache>>,
     pub(super) arrived: Instant,
     pub(super) deadline: Option<Instant>,
     /// The requester's `Request-Id`, for the logs.
@@ -54,26 +61,38 @@ pub(super) struct Progress {
 }
 
 impl Job {
+    /// A request of `inputs`, of which those with a `cached` output need no computing
+    /// (`cached` is empty when nothing was looked up).
     pub(super) fn new(
         task: Task,
-        inputs: Vec<String>,
+        inputs: Vec<Input>,
         prepared: Vec<Prepared>,
         options: InferOptions,
         deadline: Option<Instant>,
+        cached: Vec<Option<Output>>,
         done: oneshot::Sender<Result<Completed, Refused>>,
     ) -> Self {
         let n = inputs.len();
+        let mut results: Vec<Option<Result<Output, InputError>>> = (0..n).map(|_| None).collect();
+        for (result, output) in results.iter_mut().zip(cached) {
+            *result = output.map(Ok);
+        }
+        let to_compute: Vec<usize> = (0..n).filter(|&i| results[i].is_none()).collect();
+        let remaining = to_compute.len();
         Job {
             task,
             inputs,
             prepared,
+            to_compute,
             options,
+            priority: Priority::default(),
+            cache: None,
             arrived: Instant::now(),
             deadline,
             request_id: None,
             progress: Mutex::new(Progress {
-                results: (0..n).map(|_| None).collect(),
-                remaining: n,
+                remaining,
+                results,
                 largest_batch: 0,
                 done: Some(done),
             }),
@@ -104,6 +123,9 @@ impl Job {
         result: Result<Output, InputError>,
         batch_size: usize,
     ) {
+        if let (Some(cache), Ok(output)) = (&self.cache, &result) {
+            cache.insert(self.task, &self.options, &self.inputs[index], output);
+        }
         let mut progress = self.progress.lock().expect("job lock");
         if progress.results[index].is_some() {
             return;

@@ -30,10 +30,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use schemas::{ErrorBody, ErrorCode, InferOptions, Output, Task};
+use schemas::{ErrorBody, ErrorCode, InferOptions, Input, Output, Priority, Task};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
+use crate::cache::OutputCache;
 use crate::model::{BatchModel, Prepare, Prepared};
 pub use crate::stats::BatcherStats;
 pub use policy::BatchPolicy;
@@ -112,6 +113,19 @@ pub struct Batcher {
     /// Per task (in `Task::ALL` order): why the model cannot serve it, if it cannot.
     unsupported: Arc<[Option<String>; Task::ALL.len()]>,
     policy: BatchPolicy,
+    /// Outputs kept per input, if caching is on.
+    cache: Option<Arc<OutputCache>>,
+}
+
+/// What a request says besides its task, inputs and options.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    /// When computing it stops being useful.
+    pub deadline: Option<Instant>,
+    /// Interactive inputs go ahead of bulk ones.
+    pub priority: Priority,
+    /// The requester's `Request-Id`, logged with the batch that computes it.
+    pub request_id: Option<Arc<str>>,
 }
 
 /// The worker threads; join them after the last [`Batcher`] handle is dropped.
@@ -149,7 +163,7 @@ impl Batcher {
         let shared = Shared::new(Queue {
             policy,
             workers,
-            waiting: Task::ALL.map(|_| VecDeque::new()),
+            waiting: Task::ALL.map(|_| queue::Lanes::default()),
             queued_inputs: 0,
             idle: VecDeque::new(),
             stats: stats.clone(),
@@ -241,6 +255,7 @@ impl Batcher {
             preparer: info.preparer,
             unsupported: Arc::new(info.unsupported),
             policy,
+            cache: None,
         };
         Ok((batcher, Workers { threads }))
     }
@@ -249,25 +264,30 @@ impl Batcher {
     /// the whole request if any input fails (the message names the input), if the queue is
     /// full, if `deadline` passes before an input's batch starts, or if the model does not
     /// serve the task.
-    pub async fn infer(
+    pub async fn infer<I: Into<Input>>(
         &self,
         task: Task,
-        inputs: Vec<String>,
+        inputs: Vec<I>,
         options: InferOptions,
         deadline: Option<Instant>,
     ) -> Result<Completed, Refused> {
-        self.infer_traced(task, inputs, options, deadline, None)
-            .await
+        let inputs = inputs.into_iter().map(Into::into).collect();
+        let meta = RequestMeta {
+            deadline,
+            ..RequestMeta::default()
+        };
+        self.infer_with(task, inputs, options, meta).await
     }
 
-    /// [`Batcher::infer`] for a request with an id, which the worker logs with its batch.
-    pub async fn infer_traced(
+    /// [`Batcher::infer`] with everything a request may say besides its inputs (priority,
+    /// id). Inputs the output cache holds are answered from it; only the others are
+    /// prepared and queued.
+    pub async fn infer_with(
         &self,
         task: Task,
-        inputs: Vec<String>,
+        inputs: Vec<Input>,
         options: InferOptions,
-        deadline: Option<Instant>,
-        request_id: Option<Arc<str>>,
+        meta: RequestMeta,
     ) -> Result<Completed, Refused> {
         if let Some(reason) = &self.unsupported[task_index(task)] {
             return Err(Refused::new(ErrorCode::UnsupportedTask, reason.clone()));
@@ -288,47 +308,76 @@ impl Batcher {
                 ),
             ));
         }
-        if deadline.is_some_and(|d| d <= Instant::now()) {
+        if meta.deadline.is_some_and(|d| d <= Instant::now()) {
             self.stats.expired.fetch_add(1, Ordering::Relaxed);
             return Err(expired_error(Duration::ZERO));
         }
-        let (inputs, options, prepared) = self.prepare(task, inputs, options).await?;
+        let cache = self.cache.as_ref().filter(|cache| cache.caches(task));
+        let cached: Vec<Option<Output>> = match cache {
+            Some(cache) => inputs
+                .iter()
+                .map(|input| cache.get(task, &options, input))
+                .collect(),
+            None => Vec::new(),
+        };
+        if !cached.is_empty() && cached.iter().all(Option::is_some) {
+            return Ok(Completed {
+                outputs: cached.into_iter().flatten().collect(),
+                batch_size: 0,
+            });
+        }
+        let (inputs, options, prepared, cached) =
+            self.prepare(task, inputs, options, cached).await?;
         let (done_tx, done_rx) = oneshot::channel();
-        let mut job = Job::new(task, inputs, prepared, options, deadline, done_tx);
-        job.request_id = request_id;
+        let mut job = Job::new(
+            task,
+            inputs,
+            prepared,
+            options,
+            meta.deadline,
+            cached,
+            done_tx,
+        );
+        job.request_id = meta.request_id;
+        job.priority = meta.priority;
+        job.cache = cache.cloned();
         let job = Arc::new(job);
         let stopped = || Refused::new(ErrorCode::Internal, "the batcher has stopped");
         self.queue.submit(job);
         done_rx.await.map_err(|_| stopped())?
     }
 
-    /// Prepares every input (failing on the first that cannot be), on a blocking thread
-    /// unless the model's preparing is trivial.
+    /// Prepares every input that has no `cached` output (failing on the first that cannot
+    /// be), on a blocking thread unless the model's preparing is trivial.
+    #[allow(clippy::type_complexity)]
     async fn prepare(
         &self,
         task: Task,
-        inputs: Vec<String>,
+        inputs: Vec<Input>,
         options: InferOptions,
-    ) -> Result<(Vec<String>, InferOptions, Vec<Prepared>), Refused> {
+        cached: Vec<Option<Output>>,
+    ) -> Result<(Vec<Input>, InferOptions, Vec<Prepared>, Vec<Option<Output>>), Refused> {
         fn all(
             preparer: &dyn Prepare,
             task: Task,
-            inputs: &[String],
+            inputs: &[Input],
             options: &InferOptions,
+            cached: &[Option<Output>],
         ) -> Result<Vec<Prepared>, Refused> {
             inputs
                 .iter()
                 .enumerate()
-                .map(|(i, text)| {
-                    preparer
-                        .prepare(task, text, options)
-                        .map_err(|e| input_error(i, inputs.len(), e))
+                .map(|(i, input)| match cached.get(i) {
+                    Some(Some(_)) => Ok(Prepared::default()),
+                    _ => preparer
+                        .prepare(task, input, options)
+                        .map_err(|e| input_error(i, inputs.len(), e)),
                 })
                 .collect()
         }
         if self.preparer.is_cheap() {
-            let prepared = all(&*self.preparer, task, &inputs, &options)?;
-            return Ok((inputs, options, prepared));
+            let prepared = all(&*self.preparer, task, &inputs, &options, &cached)?;
+            return Ok((inputs, options, prepared, cached));
         }
         let _permit = self
             .preparing
@@ -336,13 +385,28 @@ impl Batcher {
             .await
             .map_err(|_| Refused::new(ErrorCode::Internal, "the preparing pool is closed"))?;
         let preparer = self.preparer.clone();
-        let (inputs, options, prepared) = tokio::task::spawn_blocking(move || {
-            let prepared = all(&*preparer, task, &inputs, &options);
-            (inputs, options, prepared)
+        let (inputs, options, cached, prepared) = tokio::task::spawn_blocking(move || {
+            let prepared = all(&*preparer, task, &inputs, &options, &cached);
+            (inputs, options, cached, prepared)
         })
         .await
         .map_err(|e| Refused::new(ErrorCode::Internal, format!("preparing the inputs: {e}")))?;
-        Ok((inputs, options, prepared?))
+        Ok((inputs, options, prepared?, cached))
+    }
+
+    /// Answers inputs from `cache` where it holds them, and keeps computed outputs in it
+    /// (for the tasks it caches).
+    pub fn with_cache(mut self, cache: Option<Arc<OutputCache>>) -> Self {
+        if let Some(cache) = &cache {
+            let _ = self.stats.cache.set(cache.clone());
+        }
+        self.cache = cache;
+        self
+    }
+
+    /// The output cache, if there is one.
+    pub fn cache(&self) -> Option<&Arc<OutputCache>> {
+        self.cache.as_ref()
     }
 
     /// Whether the queue would refuse a request with `deadline` now: full, or holding more

@@ -30,6 +30,9 @@ pub struct BatchPolicy {
     pub length_grouping: bool,
     /// How many of the oldest queued inputs grouping chooses from.
     pub grouping_window: usize,
+    /// Longest a bulk input waits behind interactive ones: once the oldest bulk input has
+    /// waited this long, its task's next batch starts with bulk inputs.
+    pub bulk_max_wait: Duration,
     /// Warm every replica up on each batch shape class this policy can produce (GPU kernels
     /// are compiled and autotuned per class), not just on one small batch.
     pub warm_up_shapes: bool,
@@ -47,6 +50,7 @@ impl BatchPolicy {
             max_queue_wait: Duration::MAX,
             length_grouping: true,
             grouping_window: (max_size * 8).max(256),
+            bulk_max_wait: Duration::from_millis(crate::config::DEFAULT_BULK_MAX_WAIT_MS),
             warm_up_shapes: false,
         }
     }
@@ -124,6 +128,7 @@ impl From<&BatchConfig> for BatchPolicy {
             max_queue_wait: config.max_queue_wait(),
             length_grouping: config.length_grouping,
             grouping_window: config.grouping_window,
+            bulk_max_wait: Duration::from_millis(config.bulk_max_wait_ms),
             warm_up_shapes: false,
         }
     }

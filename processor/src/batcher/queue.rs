@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use schemas::{ErrorCode, Task};
+use schemas::{ErrorCode, Priority, Task};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
@@ -124,12 +124,50 @@ impl Shared {
     }
 }
 
+/// A task's queued inputs, oldest first, in one lane per priority class.
+#[derive(Default)]
+pub(super) struct Lanes {
+    pub(super) interactive: VecDeque<Item>,
+    pub(super) bulk: VecDeque<Item>,
+}
+
+impl Lanes {
+    fn lane(&mut self, priority: Priority) -> &mut VecDeque<Item> {
+        match priority {
+            Priority::Interactive => &mut self.interactive,
+            Priority::Bulk => &mut self.bulk,
+        }
+    }
+
+    fn both(&mut self) -> [&mut VecDeque<Item>; 2] {
+        [&mut self.interactive, &mut self.bulk]
+    }
+
+    fn len(&self) -> usize {
+        self.interactive.len() + self.bulk.len()
+    }
+
+    /// The lane the task's next batch starts from: bulk once its oldest input has waited
+    /// `bulk_max_wait` (so bulk is never starved), else interactive if it holds anything.
+    /// With its rank (0 before 1) and the arrival of the input that leads it.
+    fn lead(&self, now: Instant, bulk_max_wait: Duration) -> Option<(Priority, u8, Instant)> {
+        let bulk = self.bulk.front().map(|item| item.job.arrived);
+        let interactive = self.interactive.front().map(|item| item.job.arrived);
+        match (interactive, bulk) {
+            (_, Some(bulk)) if bulk + bulk_max_wait <= now => Some((Priority::Bulk, 0, bulk)),
+            (Some(interactive), _) => Some((Priority::Interactive, 0, interactive)),
+            (None, Some(bulk)) => Some((Priority::Bulk, 1, bulk)),
+            (None, None) => None,
+        }
+    }
+}
+
 /// The queue's state: per-task queues of inputs (oldest first) and the idle workers.
 pub(super) struct Queue {
     pub(super) policy: BatchPolicy,
     /// Model workers started (they compute batches side by side).
     pub(super) workers: usize,
-    pub(super) waiting: [VecDeque<Item>; Task::ALL.len()],
+    pub(super) waiting: [Lanes; Task::ALL.len()],
     pub(super) queued_inputs: usize,
     /// Idle workers, oldest first, each with whether inputs were queued when it asked.
     pub(super) idle: VecDeque<(oneshot::Sender<Batch>, bool)>,
@@ -212,7 +250,7 @@ impl Queue {
     }
 
     fn enqueue(&mut self, job: Arc<Job>) {
-        let n = job.inputs.len();
+        let n = job.to_compute.len();
         if self.queued_inputs + n > self.policy.queue_capacity {
             // Requests that expired or failed still hold places: free them before refusing.
             self.purge(Instant::now(), usize::MAX);
@@ -235,8 +273,8 @@ impl Queue {
             return;
         }
         self.queued_inputs += n;
-        let queue = &mut self.waiting[task_index(job.task)];
-        queue.extend((0..n).map(|index| Item {
+        let queue = self.waiting[task_index(job.task)].lane(job.priority);
+        queue.extend(job.to_compute.iter().map(|&index| Item {
             job: job.clone(),
             index,
             tokens: job.prepared[index].tokens,
@@ -247,25 +285,32 @@ impl Queue {
     fn next_latency_close(&self) -> Option<Instant> {
         self.waiting
             .iter()
-            .filter_map(|q| q.front())
+            .flat_map(|lanes| [lanes.interactive.front(), lanes.bulk.front()])
+            .flatten()
             .map(|item| item.job.arrived + self.policy.max_latency)
             .min()
     }
 
-    /// Whether a queue may be handed to an idle worker now.
-    fn is_ready(&self, queue: &VecDeque<Item>, now: Instant, flush: bool) -> bool {
-        let Some(oldest) = queue.front() else {
+    /// Whether a task's inputs may be handed to an idle worker now.
+    fn is_ready(&self, lanes: &Lanes, now: Instant, flush: bool) -> bool {
+        let count = lanes.len();
+        if count == 0 {
             return false;
-        };
-        if flush || queue.len() >= self.policy.min_size {
+        }
+        if flush || count >= self.policy.min_size {
             return true;
         }
-        if oldest.job.arrived + self.policy.max_latency <= now {
+        let fronts = [lanes.interactive.front(), lanes.bulk.front()];
+        if fronts
+            .into_iter()
+            .flatten()
+            .any(|oldest| oldest.job.arrived + self.policy.max_latency <= now)
+        {
             return true;
         }
         // Short of `min_size`, but a batch is full by tokens already: waiting adds nothing.
         let mut longest = 0;
-        for (count, item) in queue.iter().enumerate() {
+        for (count, item) in lanes.interactive.iter().chain(&lanes.bulk).enumerate() {
             longest = longest.max(item.tokens);
             if (count + 1) * longest > self.policy.max_tokens {
                 return true;
@@ -277,7 +322,7 @@ impl Queue {
     /// Drops expired inputs (answering their requests with `timeout`) and inputs of requests
     /// already answered, among the first `depth` of every queue.
     fn purge(&mut self, now: Instant, depth: usize) {
-        for queue in &mut self.waiting {
+        for queue in self.waiting.iter_mut().flat_map(Lanes::both) {
             let depth = depth.min(queue.len());
             let stale = |item: &Item| item.expired(now) || item.job.answered();
             if !queue.iter().take(depth).any(stale) {
@@ -324,14 +369,24 @@ impl Queue {
             return None;
         }
         self.purge(now, self.policy.grouping_window.max(self.policy.max_size));
-        let index = (0..self.waiting.len())
+        let bulk_max_wait = self.policy.bulk_max_wait;
+        let (index, (lead, _, _)) = (0..self.waiting.len())
             .filter(|&i| self.is_ready(&self.waiting[i], now, flush))
-            .min_by_key(|&i| self.waiting[i].front().map(|item| item.job.arrived))?;
-        let items = if self.policy.length_grouping {
-            take_grouped(&mut self.waiting[index], &self.policy)
+            .filter_map(|i| Some((i, self.waiting[i].lead(now, bulk_max_wait)?)))
+            .min_by_key(|&(_, (_, rank, arrived))| (rank, arrived))?;
+        let policy = self.policy;
+        let lanes = &mut self.waiting[index];
+        let first = lanes.lane(lead);
+        let mut items = if policy.length_grouping {
+            take_grouped(first, &policy)
         } else {
-            take_in_order(&mut self.waiting[index], &self.policy)
+            take_in_order(first, &policy)
         };
+        let other = match lead {
+            Priority::Interactive => &mut lanes.bulk,
+            Priority::Bulk => &mut lanes.interactive,
+        };
+        fill(&mut items, other, &policy);
         self.queued_inputs -= items.len();
         Some(Batch {
             task: Task::ALL[index],
@@ -360,21 +415,49 @@ impl Queue {
         }
         if let Some(batch) = batch {
             self.queued_inputs += batch.items.len();
-            let queue = &mut self.waiting[task_index(batch.task)];
+            let lanes = &mut self.waiting[task_index(batch.task)];
             for item in batch.items.into_iter().rev() {
-                queue.push_front(item);
+                lanes.lane(item.job.priority).push_front(item);
             }
         }
     }
 
     fn fail_all(&mut self, reason: &str) {
-        for queue in &mut self.waiting {
+        for queue in self.waiting.iter_mut().flat_map(Lanes::both) {
             for item in queue.drain(..) {
                 let error = InputError::new(ErrorCode::Internal, reason);
                 item.job.complete(item.index, Err(error), 0);
             }
         }
         self.queued_inputs = 0;
+    }
+}
+
+/// Adds inputs of the other lane to a batch while it has room, oldest first, taking only
+/// inputs no longer than the batch's longest: they ride along without making the batch
+/// slower for the inputs it was formed for. At most `grouping_window` inputs are looked at.
+fn fill(batch: &mut Vec<Item>, other: &mut VecDeque<Item>, policy: &BatchPolicy) {
+    let longest = batch.iter().map(|item| item.tokens).max().unwrap_or(0);
+    let room = policy
+        .max_size
+        .min(policy.max_tokens / longest.max(1))
+        .saturating_sub(batch.len());
+    if room == 0 || other.is_empty() {
+        return;
+    }
+    let window = other.len().min(policy.grouping_window.max(room));
+    let mut taken = 0;
+    let mut kept = Vec::new();
+    for item in other.drain(..window) {
+        if taken < room && item.tokens <= longest {
+            batch.push(item);
+            taken += 1;
+        } else {
+            kept.push(item);
+        }
+    }
+    for item in kept.into_iter().rev() {
+        other.push_front(item);
     }
 }
 

@@ -11,9 +11,10 @@ impl Prepare for CharCount {
     fn prepare(
         &self,
         _task: Task,
-        text: &str,
+        input: &Input,
         _options: &InferOptions,
     ) -> Result<Prepared, InputError> {
+        let text = input.text();
         if text == "unpreparable" {
             return Err(InputError::new(ErrorCode::InvalidInput, "cannot prepare"));
         }
@@ -112,6 +113,25 @@ impl Harness {
         tokio::spawn(async move {
             batcher
                 .infer(Task::Embed, inputs, InferOptions::default(), deadline)
+                .await
+        })
+    }
+
+    /// Sends a request of the given priority in its own task.
+    fn spawn_priority(
+        &self,
+        items: &[&str],
+        priority: Priority,
+    ) -> tokio::task::JoinHandle<Result<Completed, Refused>> {
+        let batcher = self.batcher.clone();
+        let inputs = items.iter().map(|&t| Input::from(t)).collect();
+        let meta = RequestMeta {
+            priority,
+            ..RequestMeta::default()
+        };
+        tokio::spawn(async move {
+            batcher
+                .infer_with(Task::Embed, inputs, InferOptions::default(), meta)
                 .await
         })
     }
@@ -760,4 +780,192 @@ async fn a_failed_start_ends_the_workers_that_did_load() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn interactive_inputs_go_first_and_bulk_fills_the_rest_of_the_batch() {
+    let mut harness = Harness::start(policy(4), 1, true).await;
+    let busy = harness.spawn(&["x"], None);
+    assert_eq!(harness.next_batch().await, ["x"]);
+    // A bulk flood, then one interactive request of the same length, then a longer one.
+    let bulk: Vec<_> = (0..10)
+        .map(|_| harness.spawn_priority(&["b"], Priority::Bulk))
+        .collect();
+    harness.wait_queued(10).await;
+    let interactive = harness.spawn_priority(&["i"], Priority::Interactive);
+    harness.wait_queued(11).await;
+    harness.release(1);
+    // The interactive input leads; bulk inputs no longer than it fill the batch.
+    assert_eq!(harness.next_batch().await, ["i", "b", "b", "b"]);
+    let long = harness.spawn_priority(&["long"], Priority::Interactive);
+    harness.wait_queued(8).await;
+    harness.release(1);
+    // A longer interactive input: short bulk inputs ride along (no extra padding).
+    assert_eq!(harness.next_batch().await, ["long", "b", "b", "b"]);
+    // No interactive input waits: bulk is served.
+    harness.release(3);
+    assert_eq!(harness.next_batch().await, ["b", "b", "b", "b"]);
+    assert!(interactive.await.unwrap().is_ok() && long.await.unwrap().is_ok());
+    assert!(busy.await.unwrap().is_ok());
+    for request in bulk {
+        assert!(request.await.unwrap().is_ok());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn bulk_that_waited_bulk_max_wait_goes_ahead_of_interactive() {
+    let mut harness = Harness::start(policy(2), 1, true).await;
+    let busy = harness.spawn(&["x"], None);
+    assert_eq!(harness.next_batch().await, ["x"]);
+    let bulk = harness.spawn_priority(&["bulk"], Priority::Bulk);
+    harness.wait_queued(1).await;
+    tokio::time::advance(harness.batcher.policy.bulk_max_wait).await;
+    let interactive: Vec<_> = ["i", "j", "k"]
+        .into_iter()
+        .map(|t| harness.spawn_priority(&[t], Priority::Interactive))
+        .collect();
+    harness.wait_queued(4).await;
+    harness.release(3);
+    // The bulk input has waited its bound: it leads the next batch, and an interactive input
+    // (shorter) rides along.
+    assert_eq!(harness.next_batch().await, ["bulk", "i"]);
+    assert_eq!(harness.next_batch().await, ["j", "k"]);
+    assert!(bulk.await.unwrap().is_ok() && busy.await.unwrap().is_ok());
+    for request in interactive {
+        assert!(request.await.unwrap().is_ok());
+    }
+}
+
+/// Real time, real threads: a simulated accelerator at 4 ms + 0.25 ms per input, batches of 8.
+/// A bulk flood of 4,000 inputs (about 2.5 s of work) is queued; interactive requests sent one
+/// after another meanwhile are answered about as fast as on an idle processor, and the flood
+/// keeps draining while they run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_latency_stays_flat_during_a_bulk_flood_and_bulk_progresses() {
+    use crate::model::SimModel;
+    let model = SimModel::new(Duration::from_millis(4), Duration::from_micros(250));
+    let full_batch = model.batch_time(8);
+    let policy = BatchPolicy::new(8, 8192);
+    let (batcher, _workers) = Batcher::start(policy, 1, move |_| Ok(model.clone()))
+        .await
+        .unwrap();
+    let send = |priority: Priority, inputs: Vec<Input>| {
+        let batcher = batcher.clone();
+        let meta = RequestMeta {
+            priority,
+            ..RequestMeta::default()
+        };
+        async move {
+            batcher
+                .infer_with(Task::Embed, inputs, InferOptions::default(), meta)
+                .await
+        }
+    };
+    let latencies = |n: usize| async move {
+        let mut latencies = Vec::with_capacity(n);
+        for i in 0..n {
+            let started = Instant::now();
+            let input = Input::from(format!("interactive {i}"));
+            send(Priority::Interactive, vec![input]).await.unwrap();
+            latencies.push(started.elapsed());
+        }
+        latencies.sort();
+        latencies
+    };
+    let idle = latencies(30).await;
+
+    let bulk_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flood: Vec<_> = (0..400)
+        .map(|r| {
+            let inputs = (0..10)
+                .map(|i| Input::from(format!("bulk {r} {i}")))
+                .collect();
+            let request = send(Priority::Bulk, inputs);
+            let bulk_done = bulk_done.clone();
+            tokio::spawn(async move {
+                let result = request.await;
+                bulk_done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                result
+            })
+        })
+        .collect();
+    while batcher.stats().queued.load(Ordering::Relaxed) < 3000 {
+        tokio::task::yield_now().await;
+    }
+    let before = bulk_done.load(std::sync::atomic::Ordering::Relaxed);
+    let flooded = latencies(30).await;
+    let after = bulk_done.load(std::sync::atomic::Ordering::Relaxed);
+    let still_queued = batcher.stats().queued.load(Ordering::Relaxed);
+
+    let median = |l: &[Duration]| l[l.len() / 2];
+    let backlog = full_batch * (still_queued as u32 / 8);
+    eprintln!(
+        "interactive latency idle: median {:?} max {:?}; during the flood: median {:?} max {:?}; \
+         bulk requests done meanwhile: {}; inputs still queued: {still_queued} (about {backlog:?} of work)",
+        median(&idle),
+        idle[idle.len() - 1],
+        median(&flooded),
+        flooded[flooded.len() - 1],
+        after - before
+    );
+    // Flat: an interactive input waits at most for the batch in progress, then rides in the
+    // next one; first in line, not behind thousands of bulk inputs.
+    assert!(
+        median(&flooded) <= median(&idle) + full_batch * 3,
+        "median {:?} during the flood vs {:?} idle",
+        median(&flooded),
+        median(&idle)
+    );
+    assert!(flooded[flooded.len() - 1] < Duration::from_millis(250));
+    assert!(
+        backlog > Duration::from_millis(1000),
+        "the flood was still queued"
+    );
+    // Bulk progressed meanwhile (it fills the seven other places of each batch).
+    assert!(
+        after > before,
+        "no bulk request finished during the interactive phase"
+    );
+    for request in flood {
+        assert!(request.await.unwrap().is_ok());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn cached_inputs_are_answered_without_the_model_and_only_misses_are_computed() {
+    let mut harness = Harness::start(policy(8), 1, false).await;
+    let cache = Arc::new(OutputCache::new(1 << 20, &[Task::Embed]));
+    harness.batcher = harness.batcher.clone().with_cache(Some(cache.clone()));
+    let first = harness.infer(&["a", "b"]).await.unwrap();
+    assert_eq!(harness.next_batch().await, ["a", "b"]);
+    // A request that repeats one input: only the other reaches the model.
+    let second = harness.infer(&["c", "a"]).await.unwrap();
+    assert_eq!(harness.next_batch().await, ["c"]);
+    assert_eq!(second.outputs[1], first.outputs[0]);
+    assert_eq!(text(&second.outputs[0]), "c");
+    // Every input cached: answered at once, no batch (batch_size 0).
+    let third = harness.infer(&["b", "c", "a"]).await.unwrap();
+    assert_eq!(third.batch_size, 0);
+    assert_eq!(
+        third.outputs,
+        vec![
+            first.outputs[1].clone(),
+            second.outputs[0].clone(),
+            first.outputs[0].clone()
+        ]
+    );
+    assert!(
+        harness.batches.try_recv().is_err(),
+        "no batch for cached inputs"
+    );
+    let stats = cache.stats();
+    assert_eq!((stats.hits, stats.misses, stats.entries), (4, 3, 3));
+    let json = harness.batcher.stats().to_json();
+    assert_eq!(json["cache"]["hits"], 4);
+    assert!((json["cache"]["hit_rate"].as_f64().unwrap() - 4.0 / 7.0).abs() < 1e-9);
+    // Other tasks are not cached; failed inputs are not kept.
+    assert!(harness.infer(&["fail"]).await.is_err());
+    assert_eq!(harness.next_batch().await, ["fail"]);
+    assert!(harness.infer(&["fail"]).await.is_err());
+    assert_eq!(harness.next_batch().await, ["fail"]);
 }

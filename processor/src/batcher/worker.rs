@@ -112,7 +112,8 @@ pub(super) fn work<M: BatchModel>(
             .items
             .iter()
             .map(|item| ModelInput {
-                text: &item.job.inputs[item.index],
+                text: item.job.inputs[item.index].text(),
+                passage: item.job.inputs[item.index].passage(),
                 options: &item.job.options,
                 prepared: &item.job.prepared[item.index],
             })

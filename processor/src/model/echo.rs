@@ -1,4 +1,4 @@
-//! `echo`: returns every input unchanged, for every task. Measures the middleware alone.
+//! `echo`: returns every input unchanged, for every task (a pair as `query<TAB>passage`). Measures the middleware alone.
 
 use schemas::{Output, Task};
 
@@ -27,9 +27,12 @@ impl BatchModel for EchoModel {
         inputs
             .iter()
             .map(|input| {
-                Ok(Output::Text {
-                    text: input.text.to_string(),
-                })
+                // A pair comes back as `query<TAB>passage`.
+                let text = match input.passage {
+                    None => input.text.to_string(),
+                    Some(passage) => format!("{}\t{passage}", input.text),
+                };
+                Ok(Output::Text { text })
             })
             .collect()
     }

@@ -11,7 +11,7 @@ mod sim;
 use std::sync::Arc;
 use std::time::Duration;
 
-use schemas::{ErrorCode, InferOptions, Output, Task};
+use schemas::{ErrorCode, InferOptions, Input, Output, Task};
 
 pub use echo::EchoModel;
 pub use sim::SimModel;
@@ -85,6 +85,9 @@ pub struct Prepared {
     pub tokens: usize,
     /// Token ids, for models that take them (empty for `echo` and `sim`).
     pub ids: Vec<u32>,
+    /// Token type (segment) ids: for a pair, 0 for the query's tokens and 1 for the
+    /// passage's; empty means all 0.
+    pub type_ids: Vec<u32>,
     /// Byte range of each token in the text (`(0, 0)` for special tokens); empty when the
     /// task does not need it.
     pub offsets: Vec<(usize, usize)>,
@@ -107,7 +110,7 @@ pub trait Prepare: Send + Sync + 'static {
     fn prepare(
         &self,
         task: Task,
-        text: &str,
+        input: &Input,
         options: &InferOptions,
     ) -> Result<Prepared, InputError>;
 
@@ -133,16 +136,22 @@ impl Prepare for WordCount {
     fn prepare(
         &self,
         _task: Task,
-        text: &str,
+        input: &Input,
         _options: &InferOptions,
     ) -> Result<Prepared, InputError> {
         // ASCII whitespace, byte by byte: this runs on the request path for every input.
-        let words = text
-            .as_bytes()
-            .split(u8::is_ascii_whitespace)
-            .filter(|word| !word.is_empty())
-            .count();
-        Ok(Prepared::length_only(words + 2))
+        let words = |text: &str| {
+            text.as_bytes()
+                .split(u8::is_ascii_whitespace)
+                .filter(|word| !word.is_empty())
+                .count()
+        };
+        // A pair is framed as `[CLS] query [SEP] passage [SEP]`.
+        let tokens = match input.passage() {
+            None => words(input.text()) + 2,
+            Some(passage) => words(input.text()) + words(passage) + 3,
+        };
+        Ok(Prepared::length_only(tokens))
     }
 
     fn is_cheap(&self) -> bool {
@@ -153,8 +162,10 @@ impl Prepare for WordCount {
 /// One input of a batch, borrowed from its request.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelInput<'a> {
-    /// The text to compute.
+    /// The text to compute (a pair's query).
     pub text: &'a str,
+    /// A pair's passage (`rerank`).
+    pub passage: Option<&'a str>,
     /// The options of the request the text came from.
     pub options: &'a InferOptions,
     /// The input as [`Prepare::prepare`] made it.
@@ -257,11 +268,12 @@ pub trait BatchModel: Send + 'static {
         let Some(task) = Task::ALL.into_iter().find(|&task| self.supports(task)) else {
             anyhow::bail!("model `{}` serves no task", self.name());
         };
-        let text = match task {
-            Task::FillMask => "warm [MASK] up",
-            Task::Embed => "warm up",
+        let input = match task {
+            Task::FillMask => Input::from("warm [MASK] up"),
+            Task::Embed | Task::Classify => Input::from("warm up"),
+            Task::Rerank => Input::from(("warm", "up")),
         };
-        let results = self.run_texts(task, &[text], &InferOptions::default());
+        let results = self.run_inputs(task, &[input], &InferOptions::default());
         match results.into_iter().next() {
             Some(Ok(_)) => Ok(1),
             Some(Err(error)) => anyhow::bail!("the warm-up batch failed: {error}"),
@@ -277,23 +289,35 @@ pub trait BatchModel: Send + 'static {
         texts: &[&str],
         options: &InferOptions,
     ) -> Vec<Result<Output, InputError>> {
+        let inputs: Vec<Input> = texts.iter().map(|&text| Input::from(text)).collect();
+        self.run_inputs(task, &inputs, options)
+    }
+
+    /// [`BatchModel::run_texts`] for inputs of any kind (pairs for `rerank`).
+    fn run_inputs(
+        &mut self,
+        task: Task,
+        inputs: &[Input],
+        options: &InferOptions,
+    ) -> Vec<Result<Output, InputError>> {
         let preparer = self.preparer();
-        let prepared: Vec<_> = texts
+        let prepared: Vec<_> = inputs
             .iter()
-            .map(|text| preparer.prepare(task, text, options))
+            .map(|input| preparer.prepare(task, input, options))
             .collect();
-        let inputs: Vec<ModelInput<'_>> = texts
+        let batch: Vec<ModelInput<'_>> = inputs
             .iter()
             .zip(&prepared)
-            .filter_map(|(text, prepared)| {
+            .filter_map(|(input, prepared)| {
                 Some(ModelInput {
-                    text,
+                    text: input.text(),
+                    passage: input.passage(),
                     options,
                     prepared: prepared.as_ref().ok()?,
                 })
             })
             .collect();
-        let mut outputs = self.run(task, &inputs).into_iter();
+        let mut outputs = self.run(task, &batch).into_iter();
         prepared
             .into_iter()
             .map(|p| {

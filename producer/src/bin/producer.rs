@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use futures::{stream, StreamExt};
 use producer::{Client, ClientOptions, Transport};
-use schemas::{InferOptions, InferRequest, Output, Task};
+use schemas::{InferOptions, InferRequest, Input, Output, Priority, Task};
 
 /// Send inference requests to the processors over NATS.
 #[derive(Debug, Parser)]
@@ -36,6 +36,9 @@ struct Cli {
     /// Send JSON instead of CBOR.
     #[arg(long)]
     json: bool,
+    /// `bulk` lets interactive requests go ahead of these (sent as the `Priority` header).
+    #[arg(long, env = "PRODUCER_PRIORITY", default_value = "interactive", value_parser = parse_priority)]
+    priority: Priority,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,18 +69,79 @@ enum Command {
         #[arg(long)]
         truncate: bool,
     },
+    /// Score passages against a query with a cross-encoder: prints
+    /// {"input": [query, passage], "score": ..., "raw_score": ...} per passage.
+    Rerank {
+        /// The query every passage is scored against.
+        #[arg(long)]
+        query: String,
+        /// Passages, or `-` to read one per line from stdin.
+        #[arg(required = true)]
+        passages: Vec<String>,
+        /// Cut the longer text of a pair that is too long instead of failing.
+        #[arg(long)]
+        truncate: bool,
+    },
+    /// Classify texts: prints {"input": ..., "labels": [{"label", "id", "score"}...]}.
+    Classify {
+        /// Texts to classify, or `-` to read one per line from stdin.
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        /// Labels per input, most likely first (default: every label).
+        #[arg(long)]
+        top_k: Option<u32>,
+        /// Cut inputs longer than the model accepts instead of failing.
+        #[arg(long)]
+        truncate: bool,
+    },
+}
+
+fn parse_priority(value: &str) -> Result<Priority, String> {
+    value.parse()
 }
 
 impl Command {
-    fn task_inputs_options(self) -> (Task, Vec<String>, InferOptions) {
-        match self {
+    /// The task, its inputs (stdin read where `-` says) and the options.
+    fn task_inputs_options(self) -> anyhow::Result<(Task, Vec<Input>, InferOptions)> {
+        let texts = |args: Vec<String>| -> anyhow::Result<Vec<Input>> {
+            Ok(read_inputs(args)?.into_iter().map(Input::from).collect())
+        };
+        Ok(match self {
+            Command::Rerank {
+                query,
+                passages,
+                truncate,
+            } => (
+                Task::Rerank,
+                read_inputs(passages)?
+                    .into_iter()
+                    .map(|passage| Input::from((query.clone(), passage)))
+                    .collect(),
+                InferOptions {
+                    truncate: truncate.then_some(true),
+                    ..InferOptions::default()
+                },
+            ),
+            Command::Classify {
+                inputs,
+                top_k,
+                truncate,
+            } => (
+                Task::Classify,
+                texts(inputs)?,
+                InferOptions {
+                    top_k,
+                    truncate: truncate.then_some(true),
+                    ..InferOptions::default()
+                },
+            ),
             Command::Embed {
                 inputs,
                 no_normalize,
                 truncate,
             } => (
                 Task::Embed,
-                inputs,
+                texts(inputs)?,
                 InferOptions {
                     normalize: no_normalize.then_some(false),
                     truncate: truncate.then_some(true),
@@ -90,14 +154,14 @@ impl Command {
                 truncate,
             } => (
                 Task::FillMask,
-                inputs,
+                texts(inputs)?,
                 InferOptions {
                     top_k,
                     truncate: truncate.then_some(true),
                     ..InferOptions::default()
                 },
             ),
-        }
+        })
     }
 }
 
@@ -130,11 +194,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } else {
             schemas::Encoding::Cbor
         },
+        priority: cli.priority,
         ..ClientOptions::default()
     };
     let chunk = cli.chunk.max(1);
-    let (task, inputs, request_options) = cli.command.task_inputs_options();
-    let inputs = read_inputs(inputs)?;
+    let (task, inputs, request_options) = cli.command.task_inputs_options()?;
     let client = Client::connect_with(&cli.server, options).await?;
 
     // Requests go out concurrently; `buffered` yields their replies in input order, and each
@@ -184,7 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `{"input": ..., "error": {"code": ..., "kind": ..., "message": ...}}`: the service's error
 /// body, or code 0 and kind `client` for a failure on this side (no reply, no connection).
-fn error_line(input: &str, error: &producer::Error) -> String {
+fn error_line(input: &Input, error: &producer::Error) -> String {
     let error = match error.service_error() {
         Some(body) => serde_json::json!({
             "code": body.code,
@@ -219,10 +283,10 @@ fn read_inputs(args: Vec<String>) -> anyhow::Result<Vec<String>> {
     Ok(inputs)
 }
 
-/// `{"input": ..., <the output's own fields>}`.
-fn line(input: &str, output: &Output) -> anyhow::Result<String> {
+/// `{"input": ..., <the output's own fields>}` (a pair's input is `[query, passage]`).
+fn line(input: &Input, output: &Output) -> anyhow::Result<String> {
     let mut object = serde_json::Map::new();
-    object.insert("input".into(), input.into());
+    object.insert("input".into(), serde_json::to_value(input)?);
     match serde_json::to_value(output)? {
         serde_json::Value::Object(fields) => object.extend(fields),
         other => {

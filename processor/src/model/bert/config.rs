@@ -7,9 +7,26 @@ use serde::Deserialize;
 
 use super::LoadError;
 
-/// The fields of a HuggingFace `BertConfig` this implementation uses.
+/// The fields of a HuggingFace `BertConfig` (or `RobertaConfig`, `XLMRobertaConfig`) this
+/// implementation uses.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct BertConfig {
+    /// `bert`, `roberta` or `xlm-roberta` (others are refused at load).
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// The class that saved the checkpoint (`BertForSequenceClassification`, ...).
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// Id of the padding token; RoBERTa-family position ids start after it.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Names of the classifier's outputs, by index (sequence-classification checkpoints).
+    #[serde(default)]
+    pub id2label: Option<std::collections::BTreeMap<String, String>>,
+    /// `multi_label_classification` scores each label with a sigmoid instead of a softmax
+    /// over the labels.
+    #[serde(default)]
+    pub problem_type: Option<String>,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Width of every hidden state.
@@ -33,6 +50,9 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
 }
 
+fn default_model_type() -> String {
+    "bert".to_string()
+}
 fn default_act() -> String {
     "gelu".to_string()
 }
@@ -41,6 +61,58 @@ fn default_type_vocab() -> usize {
 }
 fn default_eps() -> f64 {
     1e-12
+}
+
+/// The model families this implementation computes: they share the encoder and differ in
+/// their embeddings and heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// BERT: positions from 0, token types (segments) for pairs.
+    Bert,
+    /// RoBERTa and XLM-RoBERTa: positions start after the padding id, one token type.
+    Roberta,
+}
+
+impl Family {
+    /// The family of a `config.json` `model_type`, if it is one this implementation computes.
+    pub fn of(model_type: &str) -> Option<Family> {
+        match model_type {
+            "bert" => Some(Family::Bert),
+            "roberta" | "xlm-roberta" => Some(Family::Roberta),
+            _ => None,
+        }
+    }
+}
+
+impl BertConfig {
+    /// The first position id: RoBERTa-family models number positions from `pad_token_id + 1`
+    /// (the rows below it are never used for real tokens).
+    pub fn position_offset(&self, family: Family) -> usize {
+        match family {
+            Family::Bert => 0,
+            Family::Roberta => self.pad_token_id.unwrap_or(1) as usize + 1,
+        }
+    }
+
+    /// The classifier's label names in output order (`LABEL_i` where `id2label` has none).
+    pub fn labels(&self) -> Vec<String> {
+        let Some(id2label) = &self.id2label else {
+            return Vec::new();
+        };
+        let count = id2label
+            .keys()
+            .filter_map(|k| k.parse::<usize>().ok())
+            .max()
+            .map_or(0, |max| max + 1);
+        (0..count)
+            .map(|i| {
+                id2label
+                    .get(&i.to_string())
+                    .cloned()
+                    .unwrap_or_else(|| format!("LABEL_{i}"))
+            })
+            .collect()
+    }
 }
 
 /// How a sentence embedding is made from the token states.
@@ -57,11 +129,29 @@ pub enum Pooling {
 pub struct CheckpointConfig {
     /// `config.json`.
     pub bert: BertConfig,
+    /// The model family (from `model_type`).
+    pub family: Family,
     /// Longest input in tokens (special tokens included).
     pub max_tokens: usize,
     /// Sentence-embedding pooling.
     pub pooling: Pooling,
 }
+
+/// The classes whose checkpoints this implementation loads (an empty `architectures` list,
+/// as some sentence-transformers exports have, is accepted too). Heads that are not used
+/// (a pooler, say) are ignored.
+const KNOWN_ARCHITECTURES: [&str; 10] = [
+    "BertModel",
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "BertForSequenceClassification",
+    "RobertaModel",
+    "RobertaForMaskedLM",
+    "RobertaForSequenceClassification",
+    "XLMRobertaModel",
+    "XLMRobertaForMaskedLM",
+    "XLMRobertaForSequenceClassification",
+];
 
 #[derive(Deserialize)]
 struct SentenceBertConfig {
@@ -85,6 +175,26 @@ impl CheckpointConfig {
             file: dir.join("config.json"),
             reason,
         };
+        let Some(family) = Family::of(&bert.model_type) else {
+            return Err(invalid(format!(
+                "model_type `{}` ({}) is not supported; this processor computes bert, roberta and xlm-roberta checkpoints",
+                bert.model_type,
+                match bert.architectures.as_slice() {
+                    [] => "no architectures listed".to_string(),
+                    list => list.join(", "),
+                }
+            )));
+        };
+        if let Some(unknown) = bert
+            .architectures
+            .iter()
+            .find(|a| !KNOWN_ARCHITECTURES.contains(&a.as_str()))
+        {
+            return Err(invalid(format!(
+                "architecture `{unknown}` is not supported; known: {}",
+                KNOWN_ARCHITECTURES.join(", ")
+            )));
+        }
         if bert.hidden_size == 0 || bert.num_attention_heads == 0 {
             return Err(invalid(
                 "hidden_size and num_attention_heads must be positive".into(),
@@ -104,11 +214,17 @@ impl CheckpointConfig {
         }
         let sentence: Option<SentenceBertConfig> =
             read_json(&dir.join("sentence_bert_config.json"))?;
+        let offset = bert.position_offset(family);
+        if bert.max_position_embeddings <= offset + 2 {
+            return Err(invalid(format!(
+                "max_position_embeddings {} leaves no positions after the offset {offset}",
+                bert.max_position_embeddings
+            )));
+        }
+        let positions = bert.max_position_embeddings - offset;
         let max_tokens = sentence
             .and_then(|s| s.max_seq_length)
-            .map_or(bert.max_position_embeddings, |n| {
-                n.min(bert.max_position_embeddings)
-            });
+            .map_or(positions, |n| n.min(positions));
         let pooling_file = dir.join("1_Pooling").join("config.json");
         let pooling = match read_json::<PoolingConfig>(&pooling_file)? {
             None => Pooling::Mean,
@@ -123,6 +239,7 @@ impl CheckpointConfig {
         };
         Ok(CheckpointConfig {
             bert,
+            family,
             max_tokens,
             pooling,
         })

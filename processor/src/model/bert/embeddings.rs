@@ -1,4 +1,5 @@
-//! BERT input embeddings: word + position + token type, then LayerNorm.
+//! BERT input embeddings: word + position + token type, then LayerNorm. RoBERTa-family
+//! checkpoints differ only in where positions start (after the padding id).
 
 use burn::nn::{Embedding, LayerNorm};
 use burn::prelude::*;
@@ -13,11 +14,17 @@ pub struct BertEmbeddings {
     position: Embedding,
     token_type: Embedding,
     norm: LayerNorm,
+    /// The position id of the first token.
+    position_offset: usize,
 }
 
 impl BertEmbeddings {
     /// Loads `embeddings.{word,position,token_type}_embeddings` and `embeddings.LayerNorm`.
-    pub fn load(weights: &Weights<'_>, config: &BertConfig) -> Result<Self, LoadError> {
+    pub fn load(
+        weights: &Weights<'_>,
+        config: &BertConfig,
+        position_offset: usize,
+    ) -> Result<Self, LoadError> {
         let h = config.hidden_size;
         let name = |n: &str| weights.encoder_name(&format!("embeddings.{n}"));
         Ok(BertEmbeddings {
@@ -33,18 +40,19 @@ impl BertEmbeddings {
                 h,
             )?,
             norm: weights.layer_norm(&name("LayerNorm"), h, config.layer_norm_eps)?,
+            position_offset,
         })
     }
 
-    /// `[batch, len]` token ids → `[batch, len, hidden]`. Every token has type 0 (single
-    /// sentences), and positions count from 0 in every row.
-    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+    /// `[batch, len]` token ids and token types → `[batch, len, hidden]`. Positions count
+    /// from the offset in every row (padding rows get positions too; they are masked).
+    pub fn forward(&self, ids: Tensor<2, Int>, types: Tensor<2, Int>) -> Tensor<3> {
         let [batch, len] = ids.dims();
         let device = ids.device();
-        let positions = Tensor::<1, Int>::arange(0..len as i64, &device)
+        let start = self.position_offset as i64;
+        let positions = Tensor::<1, Int>::arange(start..start + len as i64, &device)
             .unsqueeze_dim::<2>(0)
             .expand([batch, len]);
-        let types = Tensor::<2, Int>::zeros([batch, len], &device);
         let x = self.word.forward(ids)
             + self.position.forward(positions)
             + self.token_type.forward(types);

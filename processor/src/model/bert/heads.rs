@@ -1,4 +1,5 @@
-//! What sits on top of the encoder: the masked-LM head and sentence pooling.
+//! What sits on top of the encoder: the masked-LM head, the sequence classifier and
+//! sentence pooling.
 
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
@@ -54,6 +55,41 @@ impl MaskedLmHead {
     pub fn forward(&self, states: Tensor<2>) -> Tensor<2> {
         let x = self.norm.forward(gelu(self.transform.forward(states)));
         x.matmul(self.decoder.clone()) + self.bias.clone().unsqueeze_dim::<2>(0)
+    }
+}
+
+/// A sequence-classification head on the first token's state: dense → tanh → out. BERT
+/// calls the first layer its pooler (`bert.pooler.dense`, then `classifier`); RoBERTa keeps
+/// both in `classifier.dense` and `classifier.out_proj`. Same computation, other names.
+pub struct SequenceClassifier {
+    dense: Linear,
+    out: Linear,
+    /// Outputs (labels; 1 for a cross-encoder's relevance logit).
+    pub labels: usize,
+}
+
+impl SequenceClassifier {
+    /// Loads the head if the checkpoint has one (`classifier.weight` or `classifier.out_proj.weight`).
+    pub fn load(weights: &Weights<'_>, config: &BertConfig) -> Result<Option<Self>, LoadError> {
+        let h = config.hidden_size;
+        let (dense, out) = if weights.has_exact("classifier.out_proj.weight") {
+            ("classifier.dense".to_string(), "classifier.out_proj")
+        } else if weights.has_exact("classifier.weight") {
+            (weights.encoder_name("pooler.dense"), "classifier")
+        } else {
+            return Ok(None);
+        };
+        let labels = weights.rows(&format!("{out}.weight"))?;
+        Ok(Some(SequenceClassifier {
+            dense: weights.linear(&dense, h, h)?,
+            out: weights.linear(out, h, labels)?,
+            labels,
+        }))
+    }
+
+    /// `[n, hidden]` first-token states → `[n, labels]` logits.
+    pub fn forward(&self, first: Tensor<2>) -> Tensor<2> {
+        self.out.forward(self.dense.forward(first).tanh())
     }
 }
 

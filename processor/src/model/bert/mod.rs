@@ -1,5 +1,7 @@
-//! BERT on burn, loaded from a HuggingFace checkpoint directory (`config.json`,
-//! `model.safetensors`, `tokenizer.json`), serving `embed` and `fill_mask`.
+//! BERT and RoBERTa-family encoders on burn, loaded from a HuggingFace checkpoint directory
+//! (`config.json`, `model.safetensors`, `tokenizer.json`), serving `embed`, `fill_mask`
+//! (with a masked-LM head), and `rerank` and `classify` (with a sequence-classification
+//! head: one output for a cross-encoder's relevance, several for labels).
 //!
 //! Inputs of a batch are padded to the batch's longest and the padding is masked out of
 //! attention and pooling, so an input's output does not depend on its batch-mates.
@@ -18,15 +20,17 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
-use schemas::{ErrorCode, FillMaskOutput, InferOptions, MaskPrediction, Output, Task};
+use schemas::{
+    ErrorCode, FillMaskOutput, InferOptions, Input, LabelScore, MaskPrediction, Output, Task,
+};
 
-pub use config::{BertConfig, CheckpointConfig, Pooling};
+pub use config::{BertConfig, CheckpointConfig, Family, Pooling};
 pub use tokenize::{BertTokenizer, Tokens};
 
 use self::cpu::CpuEncoder;
 use self::embeddings::BertEmbeddings;
 use self::encoder::{BertEncoder, KeyMask};
-use self::heads::MaskedLmHead;
+use self::heads::{MaskedLmHead, SequenceClassifier};
 use super::{BatchModel, InputError, ModelInput, Prepare, Prepared, WarmUpPlan};
 
 /// Added to attention scores of padding keys: exp() of it is exactly 0 in f32.
@@ -116,6 +120,9 @@ pub struct BertModel {
     embeddings: BertEmbeddings,
     encoder: Encoder,
     mlm: Option<MaskedLmHead>,
+    classifier: Option<SequenceClassifier>,
+    /// The classifier's label names, shared by every output that names them.
+    labels: Vec<Arc<str>>,
     /// The model's own thread pool (`cpu_threads`), if it has one.
     pool: Option<Arc<rayon::ThreadPool>>,
 }
@@ -160,7 +167,8 @@ impl BertModel {
             Err(e) => return Err(LoadError::Io(file, e)),
         };
         let weights = weights::Weights::parse(&file, &bytes, device, options.dtype.into())?;
-        let embeddings = BertEmbeddings::load(&weights, &config.bert)?;
+        let offset = config.bert.position_offset(config.family);
+        let embeddings = BertEmbeddings::load(&weights, &config.bert, offset)?;
         let encoder = BertEncoder::load(&weights, &config.bert)?;
         let encoder = if options.cpu_kernels
             && options.dtype == FloatDType::F32
@@ -170,7 +178,23 @@ impl BertModel {
         } else {
             Encoder::Composite(encoder)
         };
-        let mlm = MaskedLmHead::load(&weights, &config.bert)?;
+        // RoBERTa's masked-LM head (`lm_head.*`) is not implemented: such checkpoints serve
+        // embed (and rerank/classify with a classifier), and say so for fill_mask.
+        let mlm = match config.family {
+            Family::Bert => MaskedLmHead::load(&weights, &config.bert)?,
+            Family::Roberta => None,
+        };
+        let classifier = SequenceClassifier::load(&weights, &config.bert)?;
+        let mut labels = config.bert.labels();
+        if let Some(classifier) = &classifier {
+            if labels.len() != classifier.labels {
+                // No (or a mismatched) id2label: name the outputs as transformers does.
+                labels = (0..classifier.labels)
+                    .map(|i| format!("LABEL_{i}"))
+                    .collect();
+            }
+        }
+        let labels = labels.into_iter().map(Arc::from).collect();
         let name = dir
             .canonicalize()
             .ok()
@@ -192,6 +216,8 @@ impl BertModel {
         let preparer = Arc::new(BertPreparer {
             tokenizer,
             vocab_size: config.bert.vocab_size as u32,
+            // RoBERTa-family models have one token type, whatever their tokenizer says.
+            pair_types: config.family == Family::Bert && config.bert.type_vocab_size >= 2,
         });
         Ok(BertModel {
             name,
@@ -202,6 +228,8 @@ impl BertModel {
             embeddings,
             encoder,
             mlm,
+            classifier,
+            labels,
             pool,
         })
     }
@@ -214,6 +242,16 @@ impl BertModel {
     /// Whether the checkpoint has a masked-LM head.
     pub fn has_mlm_head(&self) -> bool {
         self.mlm.is_some()
+    }
+
+    /// The classifier's outputs, if the checkpoint has a sequence-classification head.
+    pub fn classifier_labels(&self) -> Option<usize> {
+        self.classifier.as_ref().map(|c| c.labels)
+    }
+
+    /// The model family.
+    pub fn family(&self) -> Family {
+        self.config.family
     }
 
     /// The length a batch whose longest input has `longest` tokens is padded to: rounded up to
@@ -233,20 +271,31 @@ impl BertModel {
     /// Pads the batch (to its longest input, rounded up to `pad_to_multiple` within the
     /// position table), runs embeddings and encoder.
     fn encode(&self, batch: &[&[u32]]) -> Encoded {
+        self.encode_typed(batch, &[])
+    }
+
+    /// [`BertModel::encode`] with token types per input (`types[i]` empty or missing: all 0).
+    fn encode_typed(&self, batch: &[&[u32]], types: &[&[u32]]) -> Encoded {
         match &self.pool {
-            Some(pool) => pool.install(|| self.encode_here(batch)),
-            None => self.encode_here(batch),
+            Some(pool) => pool.install(|| self.encode_here(batch, types)),
+            None => self.encode_here(batch, types),
         }
     }
 
-    /// [`BertModel::encode`] on the calling thread's pool.
-    fn encode_here(&self, batch: &[&[u32]]) -> Encoded {
+    /// [`BertModel::encode_typed`] on the calling thread's pool.
+    fn encode_here(&self, batch: &[&[u32]], types: &[&[u32]]) -> Encoded {
         let longest = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
         let len = self.padded_len(longest);
         let mut ids = Vec::with_capacity(batch.len() * len);
+        let mut type_ids = vec![0i64; batch.len() * len];
         let mut mask = Vec::with_capacity(batch.len() * len);
         let pad = self.preparer.tokenizer.pad_id() as i64;
-        for row in batch {
+        for (i, row) in batch.iter().enumerate() {
+            if let Some(row_types) = types.get(i).filter(|t| t.len() == row.len()) {
+                for (slot, &t) in type_ids[i * len..].iter_mut().zip(row_types.iter()) {
+                    *slot = t as i64;
+                }
+            }
             ids.extend(row.iter().map(|&id| id as i64));
             ids.extend(std::iter::repeat_n(pad, len - row.len()));
             mask.extend(std::iter::repeat_n(1f32, row.len()));
@@ -254,7 +303,8 @@ impl BertModel {
         }
         let shape = [batch.len(), len];
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, shape), &self.device);
-        let embedded = self.embeddings.forward(ids);
+        let type_ids = Tensor::<2, Int>::from_data(TensorData::new(type_ids, shape), &self.device);
+        let embedded = self.embeddings.forward(ids, type_ids);
         let states = match &self.encoder {
             Encoder::Composite(encoder) => {
                 let key_mask = self.key_mask(&mask, shape, encoder.heads());
@@ -431,6 +481,90 @@ impl BertModel {
         Some(())
     }
 
+    /// The classifier's logits for each input (`[labels]` per input), from the first
+    /// token's final state; `None` without a classifier.
+    pub fn classify_logits(&self, batch: &[&[u32]], types: &[&[u32]]) -> Option<Vec<Vec<f32>>> {
+        let classifier = self.classifier.as_ref()?;
+        if batch.is_empty() {
+            return Some(Vec::new());
+        }
+        let encoded = self.encode_typed(batch, types);
+        let hidden = self.config.bert.hidden_size;
+        let first = encoded
+            .states
+            .narrow(1, 0, 1)
+            .reshape([batch.len(), hidden]);
+        let logits = to_f32_vec(classifier.forward(first));
+        Some(
+            logits
+                .chunks_exact(classifier.labels)
+                .map(<[f32]>::to_vec)
+                .collect(),
+        )
+    }
+
+    fn run_rerank(&self, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
+        let batch: Vec<&[u32]> = inputs.iter().map(|i| i.prepared.ids.as_slice()).collect();
+        let types: Vec<&[u32]> = inputs
+            .iter()
+            .map(|i| i.prepared.type_ids.as_slice())
+            .collect();
+        let logits = self
+            .classify_logits(&batch, &types)
+            .expect("rerank only runs on checkpoints with a classifier");
+        logits
+            .into_iter()
+            .map(|row| {
+                let raw_score = row[0];
+                Ok(Output::Score {
+                    score: sigmoid(raw_score),
+                    raw_score,
+                })
+            })
+            .collect()
+    }
+
+    fn run_classify(&self, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
+        let batch: Vec<&[u32]> = inputs.iter().map(|i| i.prepared.ids.as_slice()).collect();
+        let logits = self
+            .classify_logits(&batch, &[])
+            .expect("classify only runs on checkpoints with a classifier");
+        let multi_label =
+            self.config.bert.problem_type.as_deref() == Some("multi_label_classification");
+        inputs
+            .iter()
+            .zip(logits)
+            .map(|(input, row)| {
+                let k = input
+                    .options
+                    .top_k
+                    .map_or(row.len(), |k| k as usize)
+                    .min(row.len());
+                let ranked = if multi_label {
+                    let mut ranked: Vec<(u32, f32)> = row
+                        .iter()
+                        .enumerate()
+                        .map(|(id, &l)| (id as u32, sigmoid(l)))
+                        .collect();
+                    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    ranked.truncate(k);
+                    ranked
+                } else {
+                    top_k_softmax(&row, k)
+                };
+                let labels = ranked
+                    .into_iter()
+                    .map(|(id, score)| LabelScore {
+                        label: self.labels[id as usize].clone(),
+                        id,
+                        score,
+                    })
+                    .collect();
+                Ok(Output::Labels { labels })
+            })
+            .collect()
+    }
+
     fn run_embed(&self, inputs: &[ModelInput<'_>]) -> Vec<Result<Output, InputError>> {
         let batch: Vec<&[u32]> = inputs.iter().map(|i| i.prepared.ids.as_slice()).collect();
         let normalize: Vec<bool> = inputs
@@ -519,26 +653,54 @@ fn to_f32_vec<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
         .expect("an f32 tensor reads as f32")
 }
 
+/// The logistic function, accurate in f64 for large |x|.
+fn sigmoid(x: f32) -> f32 {
+    (1.0 / (1.0 + (-(x as f64)).exp())) as f32
+}
+
 /// Tokenises and checks inputs for a BERT checkpoint, on the request tasks.
 pub struct BertPreparer {
     tokenizer: BertTokenizer,
     vocab_size: u32,
+    /// Whether a pair's passage gets token type 1 (BERT with two token types).
+    pair_types: bool,
 }
 
 impl Prepare for BertPreparer {
     fn prepare(
         &self,
         task: Task,
-        text: &str,
+        input: &Input,
         options: &InferOptions,
     ) -> Result<Prepared, InputError> {
         let truncate = options.truncate.unwrap_or(false);
+        let text = input.text();
         match task {
-            Task::Embed => {
+            Task::Embed | Task::Classify => {
                 let Tokens { ids, .. } = self.tokenizer.encode(text, truncate)?;
                 Ok(Prepared {
                     tokens: ids.len(),
                     ids,
+                    ..Prepared::default()
+                })
+            }
+            Task::Rerank => {
+                let Some(passage) = input.passage() else {
+                    return Err(InputError::new(
+                        ErrorCode::InvalidInput,
+                        "rerank takes [query, passage] pairs",
+                    ));
+                };
+                let Tokens { ids, type_ids, .. } =
+                    self.tokenizer.encode_pair(text, passage, truncate)?;
+                Ok(Prepared {
+                    tokens: ids.len(),
+                    ids,
+                    type_ids: if self.pair_types {
+                        type_ids
+                    } else {
+                        Vec::new()
+                    },
                     offsets: Vec::new(),
                 })
             }
@@ -553,7 +715,7 @@ impl Prepare for BertPreparer {
                         ),
                     ));
                 }
-                let Tokens { ids, offsets } = self.tokenizer.encode(text, truncate)?;
+                let Tokens { ids, offsets, .. } = self.tokenizer.encode(text, truncate)?;
                 let mask_id = self.tokenizer.mask_id();
                 if mask_id.is_none() || !ids.iter().any(|&id| Some(id) == mask_id) {
                     return Err(InputError::new(
@@ -567,6 +729,7 @@ impl Prepare for BertPreparer {
                 Ok(Prepared {
                     tokens: ids.len(),
                     ids,
+                    type_ids: Vec::new(),
                     offsets,
                 })
             }
@@ -639,15 +802,34 @@ impl BatchModel for BertModel {
         match task {
             Task::Embed => true,
             Task::FillMask => self.mlm.is_some() && self.preparer.tokenizer.mask_id().is_some(),
+            Task::Rerank => self.classifier_labels() == Some(1),
+            Task::Classify => self.classifier_labels().is_some_and(|labels| labels >= 2),
         }
     }
 
     fn unsupported_reason(&self, task: Task) -> String {
-        format!(
-            "checkpoint `{}` has no masked-LM head (cls.predictions.*), so it cannot serve {task}; \
-             serve a BertForMaskedLM checkpoint on another subject prefix for that",
-            self.name
-        )
+        let name = &self.name;
+        match (task, self.classifier_labels()) {
+            (Task::FillMask, _) if self.config.family == Family::Roberta => format!(
+                "checkpoint `{name}` is a RoBERTa-family model; its masked-LM head is not implemented, so it cannot serve fill_mask; \
+                 serve a BertForMaskedLM checkpoint on another subject prefix for that"
+            ),
+            (Task::FillMask, _) => format!(
+                "checkpoint `{name}` has no masked-LM head (cls.predictions.*), so it cannot serve fill_mask; \
+                 serve a BertForMaskedLM checkpoint on another subject prefix for that"
+            ),
+            (Task::Rerank, Some(labels)) => format!(
+                "checkpoint `{name}` is a classifier with {labels} labels; rerank needs a cross-encoder with one output (num_labels = 1): use classify"
+            ),
+            (Task::Classify, Some(_)) => format!(
+                "checkpoint `{name}` has one output (a cross-encoder); classify needs at least two labels: use rerank"
+            ),
+            (Task::Rerank | Task::Classify, None) => format!(
+                "checkpoint `{name}` has no sequence-classification head (classifier.*), so it cannot serve {task}; \
+                 serve a *ForSequenceClassification checkpoint on another subject prefix for that"
+            ),
+            (Task::Embed, _) => format!("checkpoint `{name}` cannot serve embed"),
+        }
     }
 
     fn preparer(&self) -> Arc<dyn Prepare> {
@@ -658,6 +840,8 @@ impl BatchModel for BertModel {
         match task {
             Task::Embed => self.run_embed(inputs),
             Task::FillMask => self.run_fill_mask(inputs),
+            Task::Rerank => self.run_rerank(inputs),
+            Task::Classify => self.run_classify(inputs),
         }
     }
 

@@ -1,13 +1,15 @@
-//! WordPiece tokenisation with the checkpoint's own `tokenizer.json`.
+//! Tokenisation with the checkpoint's own `tokenizer.json` (WordPiece for BERT, byte-level
+//! BPE for RoBERTa, SentencePiece Unigram for XLM-RoBERTa: the file says which).
 //!
 //! The file's padding and truncation settings are switched off: sentence-transformers pads
 //! per batch and truncates at its own `max_seq_length`, and so do we (see goldens/README).
+//! Pairs that are too long are cut longest-first, as transformers' `truncation=True` does.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use schemas::ErrorCode;
-use tokenizers::Tokenizer;
+use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
 
 use super::LoadError;
 use crate::model::InputError;
@@ -15,6 +17,8 @@ use crate::model::InputError;
 /// The model's tokenizer plus the special ids the tasks need.
 pub struct BertTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer, cutting pairs to `max_tokens` longest-first.
+    truncating: Tokenizer,
     /// Longest input in tokens, special tokens included.
     max_tokens: usize,
     pad_id: u32,
@@ -28,8 +32,10 @@ pub struct BertTokenizer {
 /// One tokenised input.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tokens {
-    /// Token ids with `[CLS]` and `[SEP]`.
+    /// Token ids with `[CLS]` and `[SEP]` (or the family's equivalents).
     pub ids: Vec<u32>,
+    /// Token types: 0 for a single text and a pair's query, 1 for a pair's passage.
+    pub type_ids: Vec<u32>,
     /// Byte range of each token in the input text (`(0, 0)` for special tokens).
     pub offsets: Vec<(usize, usize)>,
 }
@@ -50,21 +56,37 @@ impl BertTokenizer {
             .with_truncation(None)
             .map_err(|e| invalid(e.to_string()))?
             .with_padding(None);
-        let id = |token: &str| inner.token_to_id(token);
-        let sep_id =
-            id("[SEP]").ok_or_else(|| invalid("no [SEP] token in the vocabulary".into()))?;
+        // BERT's special tokens, or RoBERTa's.
+        let special = |names: [&'static str; 2]| {
+            names
+                .into_iter()
+                .find_map(|name| Some((inner.token_to_id(name)?, name)))
+        };
+        let (sep_id, _) = special(["[SEP]", "</s>"])
+            .ok_or_else(|| invalid("no [SEP] or </s> token in the vocabulary".into()))?;
+        let pad_id = special(["[PAD]", "<pad>"]).map_or(0, |(id, _)| id);
+        let mask = special(["[MASK]", "<mask>"]);
         let size = inner.get_vocab_size(true) as u32;
         let vocabulary = (0..size)
             .map(|id| Arc::from(inner.id_to_token(id).unwrap_or_else(|| format!("[{id}]"))))
             .collect();
+        let mut truncating = inner.clone();
+        truncating
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                strategy: TruncationStrategy::LongestFirst,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(BertTokenizer {
             vocabulary,
-            pad_id: id("[PAD]").unwrap_or(0),
+            pad_id,
             sep_id,
-            mask_id: id("[MASK]"),
-            mask_token: "[MASK]".to_string(),
+            mask_id: mask.map(|(id, _)| id),
+            mask_token: mask.map_or("[MASK]", |(_, name)| name).to_string(),
             max_tokens,
             inner,
+            truncating,
         })
     }
 
@@ -76,6 +98,7 @@ impl BertTokenizer {
         })?;
         let mut ids = encoding.get_ids().to_vec();
         let mut offsets = encoding.get_offsets().to_vec();
+        let type_ids = vec![0; ids.len().min(self.max_tokens)];
         if ids.len() > self.max_tokens {
             if !truncate {
                 return Err(InputError::new(
@@ -92,7 +115,51 @@ impl BertTokenizer {
             offsets.truncate(self.max_tokens - 1);
             offsets.push((0, 0));
         }
-        Ok(Tokens { ids, offsets })
+        Ok(Tokens {
+            ids,
+            type_ids,
+            offsets,
+        })
+    }
+
+    /// Tokenises a (query, passage) pair as one input: `[CLS] query [SEP] passage [SEP]`
+    /// with token types 0 then 1 (RoBERTa: `<s> query </s></s> passage </s>`). Longer than
+    /// `max_tokens`: an error, or with `truncate` the longer text is cut token by token until
+    /// the pair fits (transformers' `longest_first`). Offsets are not kept.
+    pub fn encode_pair(
+        &self,
+        query: &str,
+        passage: &str,
+        truncate: bool,
+    ) -> Result<Tokens, InputError> {
+        let tokenizer = if truncate {
+            &self.truncating
+        } else {
+            &self.inner
+        };
+        let encoding = tokenizer.encode((query, passage), true).map_err(|e| {
+            InputError::new(ErrorCode::InvalidInput, format!("cannot tokenise: {e}"))
+        })?;
+        if encoding.len() > self.max_tokens {
+            let message = if truncate {
+                format!(
+                    "the pair cannot be cut to {} tokens (its special tokens alone take more)",
+                    self.max_tokens
+                )
+            } else {
+                format!(
+                    "the pair has {} tokens; the model takes at most {}; set truncate: true to cut the longer text",
+                    encoding.len(),
+                    self.max_tokens
+                )
+            };
+            return Err(InputError::new(ErrorCode::InvalidInput, message));
+        }
+        Ok(Tokens {
+            ids: encoding.get_ids().to_vec(),
+            type_ids: encoding.get_type_ids().to_vec(),
+            offsets: Vec::new(),
+        })
     }
 
     /// The most tokens an input may have (`[CLS]` and `[SEP]` included).

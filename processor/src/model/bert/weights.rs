@@ -19,7 +19,7 @@ use super::LoadError;
 pub struct Weights<'a> {
     file: PathBuf,
     tensors: SafeTensors<'a>,
-    /// `bert.` or empty: the prefix of the encoder's tensor names.
+    /// `bert.`, `roberta.` or empty: the prefix of the encoder's tensor names.
     prefix: &'static str,
     device: Device,
     /// The float type every tensor is created in.
@@ -39,14 +39,16 @@ impl<'a> Weights<'a> {
             file: file.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let prefix = if tensors
-            .tensor("bert.embeddings.word_embeddings.weight")
-            .is_ok()
-        {
-            "bert."
-        } else {
-            ""
-        };
+        // The base model's attribute name in task checkpoints (`BertForMaskedLM.bert`,
+        // `RobertaForSequenceClassification.roberta`); none in bare model files.
+        let prefix = ["bert.", "roberta."]
+            .into_iter()
+            .find(|prefix| {
+                tensors
+                    .tensor(&format!("{prefix}embeddings.word_embeddings.weight"))
+                    .is_ok()
+            })
+            .unwrap_or("");
         Ok(Weights {
             file: file.to_path_buf(),
             tensors,
@@ -59,6 +61,24 @@ impl<'a> Weights<'a> {
     /// Whether a tensor with exactly this name exists.
     pub fn has_exact(&self, name: &str) -> bool {
         self.tensors.tensor(name).is_ok()
+    }
+
+    /// The first dimension of a tensor (a Linear's output width, say).
+    pub fn rows(&self, name: &str) -> Result<usize, LoadError> {
+        let view = self
+            .tensors
+            .tensor(name)
+            .map_err(|_| LoadError::MissingTensor {
+                file: self.file.clone(),
+                name: name.to_string(),
+            })?;
+        view.shape()
+            .first()
+            .copied()
+            .ok_or_else(|| LoadError::Invalid {
+                file: self.file.clone(),
+                reason: format!("tensor `{name}` has no dimensions"),
+            })
     }
 
     /// The encoder's name for a tensor (with the checkpoint's prefix).
