@@ -176,7 +176,11 @@ impl Pipeline {
                 "the request's deadline passed before it could be computed; it was not computed",
             )));
         }
-        let refusal = match self.batcher.refuses_now(deadline) {
+        // A malformed value counts as interactive here; decoding reports it.
+        let priority = request::header(message_headers, schemas::headers::PRIORITY)
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_default();
+        let refusal = match self.batcher.refuses_now(deadline, priority) {
             Some((busy, refused)) => {
                 let reason = match busy {
                     Busy::Full => Shed::QueueFull,

@@ -140,6 +140,8 @@ pub struct BatcherStats {
     pub expired: AtomicU64,
     /// Inputs waiting for a batch right now.
     pub queued: AtomicU64,
+    /// Of those, `Priority: bulk` inputs.
+    pub queued_bulk: AtomicU64,
     /// Batches being computed right now.
     pub in_flight: AtomicU64,
     /// How long each input waited in the queue before its batch started, in seconds.
@@ -171,6 +173,7 @@ impl Default for BatcherStats {
             rejected_wait: counter(),
             expired: counter(),
             queued: counter(),
+            queued_bulk: counter(),
             in_flight: counter(),
             queue_wait: Histogram::new(&TIME_BUCKETS),
             compute: Histogram::new(&TIME_BUCKETS),
@@ -266,6 +269,7 @@ impl BatcherStats {
             "rejected_queue_wait": load(&self.rejected_wait),
             "expired": load(&self.expired),
             "queued_inputs": load(&self.queued),
+            "queued_bulk_inputs": load(&self.queued_bulk),
             "in_flight_batches": load(&self.in_flight),
             "queue_wait_seconds": self.queue_wait.to_json(),
             "compute_seconds": self.compute.to_json(),

@@ -369,3 +369,89 @@ fn unknown_architectures_are_refused_at_load_with_what_is_supported() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn roberta_padding_stays_within_the_positions_left_after_the_offset() {
+    // Padding to a multiple (as on CUDA) must not run past the position table, which for
+    // RoBERTa starts at pad_token_id + 1: 130 rows hold 128 tokens.
+    let dir = fixtures().join("tiny-roberta-classify");
+    let padded = load_with(
+        &dir,
+        BertOptions {
+            pad_to_multiple: 48,
+            ..BertOptions::default()
+        },
+    );
+    assert_eq!(padded.padded_len(100), 128);
+    assert_eq!(padded.padded_len(128), 128);
+    let mut padded = padded;
+    let mut plain = load_with(&dir, BertOptions::default());
+    let text = "word ".repeat(50);
+    let raw = InferOptions {
+        normalize: Some(false),
+        ..InferOptions::default()
+    };
+    let tokens = plain.tokenizer().encode(&text, false).unwrap().ids.len();
+    assert!(tokens > 96 && tokens <= 128, "{tokens}");
+    let a = ok(padded.run_texts(Task::Embed, &[&text], &raw));
+    let b = ok(plain.run_texts(Task::Embed, &[&text], &raw));
+    let diff = max_abs_diff(embedding(&a[0]), embedding(&b[0]));
+    assert!(diff <= 1e-5, "padded to 128 differs by {diff}");
+}
+
+#[test]
+fn a_literal_pad_token_in_a_roberta_text_shifts_positions_as_in_pytorch() {
+    let golden = golden("tiny-roberta-pad-literal.json");
+    let raw = InferOptions {
+        normalize: Some(false),
+        ..InferOptions::default()
+    };
+    for (encoder, options) in encoders() {
+        let mut model = load_with(&fixtures().join("tiny-roberta-classify"), options);
+        for item in golden["items"].as_array().unwrap() {
+            let text = item["text"].as_str().unwrap();
+            let tokens = model.tokenizer().encode(text, false).unwrap();
+            assert_eq!(tokens.ids, ids(&item["input_ids"]), "{text:?}");
+            let outputs = ok(model.run_texts(Task::Embed, &[text], &raw));
+            let diff = max_abs_diff(embedding(&outputs[0]), &floats(&item["embedding_mean"]));
+            assert!(diff <= 1e-4, "{encoder} {text:?}: mean differs by {diff}");
+            let batch = [&tokens.ids[..]];
+            let logits = model.classify_logits(&batch, &[]).unwrap();
+            let diff = max_abs_diff(&logits[0], &floats(&item["logits"]));
+            assert!(diff <= 1e-4, "{encoder} {text:?}: logits differ by {diff}");
+        }
+    }
+}
+
+#[test]
+fn multi_label_checkpoints_score_each_label_with_a_sigmoid() {
+    let dir = std::env::temp_dir().join(format!("multi-label-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = fixtures().join("tiny-bert-classify");
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(source.join(file), dir.join(file)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
+    config["problem_type"] = serde_json::json!("multi_label_classification");
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut model = load_with(&dir, BertOptions::default());
+    let golden = golden("tiny-bert-classify.json");
+    for item in golden["texts"].as_array().unwrap() {
+        let text = item["text"].as_str().unwrap();
+        let outputs = ok(model.run_texts(Task::Classify, &[text], &InferOptions::default()));
+        let got = labels(&outputs[0]);
+        let expected: Vec<f32> = floats(&item["logits"])
+            .iter()
+            .map(|&l| 1.0 / (1.0 + (-l).exp()))
+            .collect();
+        let diff = max_abs_diff(&by_id(got, expected.len()), &expected);
+        assert!(diff <= 1e-4, "{text:?}: sigmoid scores differ by {diff}");
+        assert!(got.windows(2).all(|w| w[0].score >= w[1].score));
+        // Independent per label: they need not sum to 1.
+        let sum: f32 = got.iter().map(|l| l.score).sum();
+        assert!((sum - 1.0).abs() > 1e-3, "{text:?}: {sum}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

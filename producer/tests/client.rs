@@ -498,16 +498,25 @@ async fn rerank_and_classify_through_nats_equal_the_model_called_directly() {
     let query = "what is the capital of france";
 
     let mut direct = BertModel::load(&fixture("tiny-xlm-roberta-rerank"), &cpu_device()).unwrap();
-    let pairs: Vec<Input> = passages.iter().map(|&p| Input::from((query, p))).collect();
-    let expected = direct.run_inputs(Task::Rerank, &pairs, &InferOptions::default());
-    for priority in [Priority::Interactive, Priority::Bulk] {
+    let bulk_passages = ["Berlin is in Germany.", "A passage sent as bulk work."];
+    // Interactive, then bulk (other passages: computed in the bulk lane), then the first
+    // passages again (answered from the cache).
+    let rounds = [
+        (Priority::Interactive, &passages[..]),
+        (Priority::Bulk, &bulk_passages[..]),
+        (Priority::Interactive, &passages[..]),
+    ];
+    for (priority, passages) in rounds {
+        let pairs: Vec<Input> = passages.iter().map(|&p| Input::from((query, p))).collect();
+        let expected = direct.run_inputs(Task::Rerank, &pairs, &InferOptions::default());
         let options = ClientOptions {
             prefix: "rank".into(),
             priority,
             ..ClientOptions::default()
         };
         let client = Client::connect_with(&server.url(), options).await.unwrap();
-        let scores = client.rerank(query, &passages).await.unwrap();
+        let scores = client.rerank(query, passages).await.unwrap();
+        assert_eq!(scores.len(), passages.len());
         for (got, expected) in scores.iter().zip(&expected) {
             let Ok(Output::Score { score, raw_score }) = expected else {
                 panic!("{expected:?}")
@@ -520,7 +529,7 @@ async fn rerank_and_classify_through_nats_equal_the_model_called_directly() {
             assert!(got.score > 0.0 && got.score < 1.0);
         }
     }
-    // The second round was answered from the cache: the same scores, and counted.
+    // The third round was answered from the cache: the same scores, and counted.
     let stats: serde_json::Value = {
         let client = async_nats::connect(server.url()).await.unwrap();
         let reply = client

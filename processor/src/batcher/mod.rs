@@ -414,13 +414,22 @@ impl Batcher {
     /// [`BatchPolicy::refuse_for_backlog`]). Read from the queue's last published state, so
     /// that a transport can answer `overloaded` before it decodes anything; the queue itself
     /// decides for the requests that get past this.
-    pub fn refuses_now(&self, deadline: Option<Instant>) -> Option<(Busy, Refused)> {
+    pub fn refuses_now(
+        &self,
+        deadline: Option<Instant>,
+        priority: Priority,
+    ) -> Option<(Busy, Refused)> {
         let queued = self.stats.queued.load(Ordering::Relaxed);
-        if queued as usize >= self.policy.queue_capacity {
-            return Some((Busy::Full, self.policy.queue_full(queued as usize)));
+        let queued_bulk = self.stats.queued_bulk.load(Ordering::Relaxed);
+        if let Some(refused) =
+            self.policy
+                .no_room(priority, 1, queued as usize, queued_bulk as usize)
+        {
+            return Some((Busy::Full, refused));
         }
+        let ahead = self.policy.queued_ahead(priority, queued, queued_bulk);
         self.policy
-            .refuse_for_backlog(&self.stats, queued, self.workers, deadline, Instant::now())
+            .refuse_for_backlog(&self.stats, ahead, self.workers, deadline, Instant::now())
             .map(|refused| (Busy::Backlog, refused))
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use schemas::ErrorCode;
+use schemas::{ErrorCode, Priority};
 use tokio::time::Instant;
 
 use super::{BatcherStats, Refused};
@@ -52,6 +52,49 @@ impl BatchPolicy {
             grouping_window: (max_size * 8).max(256),
             bulk_max_wait: Duration::from_millis(crate::config::DEFAULT_BULK_MAX_WAIT_MS),
             warm_up_shapes: false,
+        }
+    }
+
+    /// The most `Priority: bulk` inputs the queue holds: three quarters of `queue_capacity`,
+    /// so that a bulk flood leaves room for interactive requests.
+    pub fn bulk_capacity(&self) -> usize {
+        (self.queue_capacity / 4 * 3).max(1)
+    }
+
+    /// Why a request of `inputs` inputs of `priority` does not fit the queue now, holding
+    /// `queued` inputs of which `queued_bulk` are bulk.
+    pub(super) fn no_room(
+        &self,
+        priority: Priority,
+        inputs: usize,
+        queued: usize,
+        queued_bulk: usize,
+    ) -> Option<Refused> {
+        if queued + inputs > self.queue_capacity {
+            return Some(self.queue_full(queued));
+        }
+        if priority == Priority::Bulk && queued_bulk + inputs > self.bulk_capacity() {
+            return Some(Refused::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "the queue's share for bulk inputs is full ({queued_bulk} of {} waiting; the rest of batch.queue_capacity is kept for interactive requests); retry later or on another processor",
+                    self.bulk_capacity()
+                ),
+            ));
+        }
+        None
+    }
+
+    /// The queued inputs whose work comes before a new input of `priority`, at most: for bulk,
+    /// all of them; for interactive, the interactive ones, and as many bulk ones again plus a
+    /// batch (bulk leads at most every other batch while interactive inputs wait).
+    pub fn queued_ahead(&self, priority: Priority, queued: u64, queued_bulk: u64) -> u64 {
+        let interactive = queued.saturating_sub(queued_bulk);
+        match priority {
+            Priority::Bulk => queued,
+            Priority::Interactive => {
+                interactive + queued_bulk.min(interactive + self.max_size as u64)
+            }
         }
     }
 

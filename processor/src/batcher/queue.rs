@@ -129,6 +129,8 @@ impl Shared {
 pub(super) struct Lanes {
     pub(super) interactive: VecDeque<Item>,
     pub(super) bulk: VecDeque<Item>,
+    /// The task's last batch started from the bulk lane.
+    bulk_led_last: bool,
 }
 
 impl Lanes {
@@ -147,16 +149,18 @@ impl Lanes {
         self.interactive.len() + self.bulk.len()
     }
 
-    /// The lane the task's next batch starts from: bulk once its oldest input has waited
-    /// `bulk_max_wait` (so bulk is never starved), else interactive if it holds anything.
-    /// With its rank (0 before 1) and the arrival of the input that leads it.
+    /// The lane the task's next batch starts from, with its rank (0 before 1) and the arrival
+    /// of the input that leads it: interactive if it holds anything, except that once the
+    /// oldest bulk input has waited `bulk_max_wait`, bulk leads every other batch (so bulk is
+    /// never starved, and interactive inputs wait at most one bulk batch).
     fn lead(&self, now: Instant, bulk_max_wait: Duration) -> Option<(Priority, u8, Instant)> {
         let bulk = self.bulk.front().map(|item| item.job.arrived);
         let interactive = self.interactive.front().map(|item| item.job.arrived);
+        let aged = bulk.is_some_and(|bulk| bulk + bulk_max_wait <= now);
         match (interactive, bulk) {
-            (_, Some(bulk)) if bulk + bulk_max_wait <= now => Some((Priority::Bulk, 0, bulk)),
+            (Some(_), Some(bulk)) if aged && !self.bulk_led_last => Some((Priority::Bulk, 0, bulk)),
             (Some(interactive), _) => Some((Priority::Interactive, 0, interactive)),
-            (None, Some(bulk)) => Some((Priority::Bulk, 1, bulk)),
+            (None, Some(bulk)) => Some((Priority::Bulk, if aged { 0 } else { 1 }, bulk)),
             (None, None) => None,
         }
     }
@@ -241,6 +245,9 @@ impl Queue {
         self.stats
             .queued
             .store(self.queued_inputs as u64, Ordering::Relaxed);
+        self.stats
+            .queued_bulk
+            .store(self.queued_bulk() as u64, Ordering::Relaxed);
     }
 
     /// Whether the actor's timer matters now: inputs wait for `min_size` company while a
@@ -249,20 +256,34 @@ impl Queue {
         self.policy.min_size > 1 && !self.idle.is_empty() && self.queued_inputs > 0
     }
 
+    /// Queued `Priority: bulk` inputs.
+    fn queued_bulk(&self) -> usize {
+        self.waiting.iter().map(|lanes| lanes.bulk.len()).sum()
+    }
+
     fn enqueue(&mut self, job: Arc<Job>) {
         let n = job.to_compute.len();
-        if self.queued_inputs + n > self.policy.queue_capacity {
+        let no_room = |queue: &Queue| {
+            queue
+                .policy
+                .no_room(job.priority, n, queue.queued_inputs, queue.queued_bulk())
+        };
+        if no_room(self).is_some() {
             // Requests that expired or failed still hold places: free them before refusing.
             self.purge(Instant::now(), usize::MAX);
         }
-        if self.queued_inputs + n > self.policy.queue_capacity {
+        if let Some(refused) = no_room(self) {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            job.refuse(self.policy.queue_full(self.queued_inputs));
+            job.refuse(refused);
             return;
         }
+        let queued_bulk = self.queued_bulk() as u64;
+        let ahead = self
+            .policy
+            .queued_ahead(job.priority, self.queued_inputs as u64, queued_bulk);
         let refused = self.policy.refuse_for_backlog(
             &self.stats,
-            self.queued_inputs as u64,
+            ahead,
             self.workers,
             job.deadline,
             Instant::now(),
@@ -376,6 +397,7 @@ impl Queue {
             .min_by_key(|&(_, (_, rank, arrived))| (rank, arrived))?;
         let policy = self.policy;
         let lanes = &mut self.waiting[index];
+        lanes.bulk_led_last = lead == Priority::Bulk;
         let first = lanes.lane(lead);
         let mut items = if policy.length_grouping {
             take_grouped(first, &policy)

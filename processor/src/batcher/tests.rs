@@ -836,8 +836,78 @@ async fn bulk_that_waited_bulk_max_wait_goes_ahead_of_interactive() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn once_bulk_waited_its_bound_bulk_and_interactive_take_turns() {
+    let mut harness = Harness::start(policy(2), 1, true).await;
+    let busy = harness.spawn(&["x"], None);
+    assert_eq!(harness.next_batch().await, ["x"]);
+    let bulk: Vec<_> = (0..10)
+        .map(|_| harness.spawn_priority(&["b"], Priority::Bulk))
+        .collect();
+    harness.wait_queued(10).await;
+    tokio::time::advance(harness.batcher.policy.bulk_max_wait).await;
+    let interactive = harness.spawn_priority(&["i"], Priority::Interactive);
+    harness.wait_queued(11).await;
+    harness.release(7);
+    // Every bulk input has waited its bound now, yet the interactive input waits for one
+    // bulk batch only: the lanes take turns, they do not drain the bulk backlog first.
+    assert_eq!(harness.next_batch().await, ["b", "b"]);
+    assert_eq!(harness.next_batch().await, ["i", "b"]);
+    let mut rest = Vec::new();
+    for _ in 0..4 {
+        rest.extend(harness.next_batch().await);
+    }
+    assert_eq!(rest, vec!["b"; 7]);
+    assert!(interactive.await.unwrap().is_ok() && busy.await.unwrap().is_ok());
+    for request in bulk {
+        assert!(request.await.unwrap().is_ok());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn bulk_fills_at_most_three_quarters_of_the_queue() {
+    let policy = BatchPolicy {
+        queue_capacity: 8,
+        ..policy(2)
+    };
+    let mut harness = Harness::start(policy, 1, true).await;
+    let busy = harness.spawn(&["x"], None);
+    assert_eq!(harness.next_batch().await, ["x"]);
+    let bulk: Vec<_> = (0..6)
+        .map(|_| harness.spawn_priority(&["b"], Priority::Bulk))
+        .collect();
+    harness.wait_queued(6).await;
+    let refused = harness
+        .spawn_priority(&["b"], Priority::Bulk)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused.kind, ErrorCode::Overloaded);
+    assert!(
+        refused.message.contains("share for bulk"),
+        "{}",
+        refused.message
+    );
+    let refused_early = harness.batcher.refuses_now(None, Priority::Bulk);
+    assert!(matches!(refused_early, Some((Busy::Full, _))));
+    assert!(harness
+        .batcher
+        .refuses_now(None, Priority::Interactive)
+        .is_none());
+    // Interactive requests still find room, up to the whole capacity.
+    let interactive = harness.spawn_priority(&["i", "j"], Priority::Interactive);
+    harness.wait_queued(8).await;
+    let full = harness.infer(&["k"]).await.unwrap_err();
+    assert!(full.message.starts_with("queue full"), "{}", full.message);
+    harness.release(8);
+    assert!(interactive.await.unwrap().is_ok() && busy.await.unwrap().is_ok());
+    for request in bulk {
+        assert!(request.await.unwrap().is_ok());
+    }
+}
+
 /// Real time, real threads: a simulated accelerator at 4 ms + 0.25 ms per input, batches of 8.
-/// A bulk flood of 4,000 inputs (about 2.5 s of work) is queued; interactive requests sent one
+/// A bulk flood of 4,000 inputs (about 3 s of work) is queued; interactive requests sent one
 /// after another meanwhile are answered about as fast as on an idle processor, and the flood
 /// keeps draining while they run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -845,7 +915,7 @@ async fn interactive_latency_stays_flat_during_a_bulk_flood_and_bulk_progresses(
     use crate::model::SimModel;
     let model = SimModel::new(Duration::from_millis(4), Duration::from_micros(250));
     let full_batch = model.batch_time(8);
-    let policy = BatchPolicy::new(8, 8192);
+    let policy = BatchPolicy::new(8, 16384);
     let (batcher, _workers) = Batcher::start(policy, 1, move |_| Ok(model.clone()))
         .await
         .unwrap();
@@ -893,9 +963,38 @@ async fn interactive_latency_stays_flat_during_a_bulk_flood_and_bulk_progresses(
         tokio::task::yield_now().await;
     }
     let before = bulk_done.load(std::sync::atomic::Ordering::Relaxed);
-    let flooded = latencies(30).await;
+    // Interactive requests one after another for 1.5 s: past batch.bulk_max_wait (1 s), when
+    // the oldest bulk inputs have waited their bound and bulk leads every other batch.
+    let flood_started = Instant::now();
+    let mut flooded = Vec::new();
+    while flood_started.elapsed() < policy.bulk_max_wait.mul_f64(1.5) {
+        flooded.extend(latencies(10).await);
+    }
+    flooded.sort();
     let after = bulk_done.load(std::sync::atomic::Ordering::Relaxed);
     let still_queued = batcher.stats().queued.load(Ordering::Relaxed);
+    // Admission counts, for an interactive request, only what goes before it: one with a
+    // 500 ms deadline is taken and answered; a bulk one behind the flood is refused at once.
+    let deadline = Some(Instant::now() + Duration::from_millis(500));
+    let interactive = RequestMeta {
+        deadline,
+        ..RequestMeta::default()
+    };
+    let input = || vec![Input::from("with a deadline")];
+    let opts = InferOptions::default();
+    batcher
+        .infer_with(Task::Embed, input(), opts, interactive.clone())
+        .await
+        .expect("an interactive request with a deadline is served during the flood");
+    let bulk = RequestMeta {
+        priority: Priority::Bulk,
+        ..interactive
+    };
+    let refused = batcher
+        .infer_with(Task::Embed, input(), opts, bulk)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind, ErrorCode::Overloaded, "{}", refused.message);
 
     let median = |l: &[Duration]| l[l.len() / 2];
     let backlog = full_batch * (still_queued as u32 / 8);

@@ -1,5 +1,5 @@
 //! BERT input embeddings: word + position + token type, then LayerNorm. RoBERTa-family
-//! checkpoints differ only in where positions start (after the padding id).
+//! checkpoints differ only in their position ids (see `BertModel::position_ids`).
 
 use burn::nn::{Embedding, LayerNorm};
 use burn::prelude::*;
@@ -14,17 +14,11 @@ pub struct BertEmbeddings {
     position: Embedding,
     token_type: Embedding,
     norm: LayerNorm,
-    /// The position id of the first token.
-    position_offset: usize,
 }
 
 impl BertEmbeddings {
     /// Loads `embeddings.{word,position,token_type}_embeddings` and `embeddings.LayerNorm`.
-    pub fn load(
-        weights: &Weights<'_>,
-        config: &BertConfig,
-        position_offset: usize,
-    ) -> Result<Self, LoadError> {
+    pub fn load(weights: &Weights<'_>, config: &BertConfig) -> Result<Self, LoadError> {
         let h = config.hidden_size;
         let name = |n: &str| weights.encoder_name(&format!("embeddings.{n}"));
         Ok(BertEmbeddings {
@@ -40,19 +34,16 @@ impl BertEmbeddings {
                 h,
             )?,
             norm: weights.layer_norm(&name("LayerNorm"), h, config.layer_norm_eps)?,
-            position_offset,
         })
     }
 
-    /// `[batch, len]` token ids and token types → `[batch, len, hidden]`. Positions count
-    /// from the offset in every row (padding rows get positions too; they are masked).
-    pub fn forward(&self, ids: Tensor<2, Int>, types: Tensor<2, Int>) -> Tensor<3> {
-        let [batch, len] = ids.dims();
-        let device = ids.device();
-        let start = self.position_offset as i64;
-        let positions = Tensor::<1, Int>::arange(start..start + len as i64, &device)
-            .unsqueeze_dim::<2>(0)
-            .expand([batch, len]);
+    /// `[batch, len]` token ids, token types and position ids → `[batch, len, hidden]`.
+    pub fn forward(
+        &self,
+        ids: Tensor<2, Int>,
+        types: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+    ) -> Tensor<3> {
         let x = self.word.forward(ids)
             + self.position.forward(positions)
             + self.token_type.forward(types);

@@ -167,8 +167,7 @@ impl BertModel {
             Err(e) => return Err(LoadError::Io(file, e)),
         };
         let weights = weights::Weights::parse(&file, &bytes, device, options.dtype.into())?;
-        let offset = config.bert.position_offset(config.family);
-        let embeddings = BertEmbeddings::load(&weights, &config.bert, offset)?;
+        let embeddings = BertEmbeddings::load(&weights, &config.bert)?;
         let encoder = BertEncoder::load(&weights, &config.bert)?;
         let encoder = if options.cpu_kernels
             && options.dtype == FloatDType::F32
@@ -255,11 +254,14 @@ impl BertModel {
     }
 
     /// The length a batch whose longest input has `longest` tokens is padded to: rounded up to
-    /// `pad_to_multiple`, within the position table.
+    /// `pad_to_multiple`, within the position table (after the RoBERTa offset).
     pub fn padded_len(&self, longest: usize) -> usize {
+        // RoBERTa-family positions start after the padding id: fewer rows are left.
+        let positions = self.config.bert.max_position_embeddings
+            - self.config.bert.position_offset(self.config.family);
         longest
             .next_multiple_of(self.options.pad_to_multiple.max(1))
-            .min(self.config.bert.max_position_embeddings)
+            .min(positions)
             .max(longest)
     }
 
@@ -287,6 +289,7 @@ impl BertModel {
         let longest = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
         let len = self.padded_len(longest);
         let mut ids = Vec::with_capacity(batch.len() * len);
+        let mut positions = Vec::with_capacity(batch.len() * len);
         let mut type_ids = vec![0i64; batch.len() * len];
         let mut mask = Vec::with_capacity(batch.len() * len);
         let pad = self.preparer.tokenizer.pad_id() as i64;
@@ -298,13 +301,16 @@ impl BertModel {
             }
             ids.extend(row.iter().map(|&id| id as i64));
             ids.extend(std::iter::repeat_n(pad, len - row.len()));
+            self.position_ids(&ids[ids.len() - len..], &mut positions);
             mask.extend(std::iter::repeat_n(1f32, row.len()));
             mask.extend(std::iter::repeat_n(0f32, len - row.len()));
         }
         let shape = [batch.len(), len];
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, shape), &self.device);
         let type_ids = Tensor::<2, Int>::from_data(TensorData::new(type_ids, shape), &self.device);
-        let embedded = self.embeddings.forward(ids, type_ids);
+        let positions =
+            Tensor::<2, Int>::from_data(TensorData::new(positions, shape), &self.device);
+        let embedded = self.embeddings.forward(ids, type_ids, positions);
         let states = match &self.encoder {
             Encoder::Composite(encoder) => {
                 let key_mask = self.key_mask(&mask, shape, encoder.heads());
@@ -318,6 +324,29 @@ impl BertModel {
         // Pooling runs in f32 whatever the model's float type (see `embed`).
         let mask = Tensor::<2>::from_data(TensorData::new(mask, shape), (&self.device, DType::F32));
         Encoded { states, mask, len }
+    }
+
+    /// Appends the position ids of one padded row. BERT counts from 0. RoBERTa-family models
+    /// count as transformers' `create_position_ids_from_input_ids` does: padding-id tokens
+    /// get `pad_token_id` itself, every other token `pad_token_id + ` its rank among the
+    /// non-padding tokens (so a literal `<pad>` in a text shifts the positions after it, as
+    /// in PyTorch).
+    fn position_ids(&self, row: &[i64], positions: &mut Vec<i64>) {
+        match self.config.family {
+            Family::Bert => positions.extend(0..row.len() as i64),
+            Family::Roberta => {
+                let pad = self.config.bert.pad_token_id.unwrap_or(1) as i64;
+                let mut rank = 0;
+                positions.extend(row.iter().map(|&id| {
+                    if id == pad {
+                        pad
+                    } else {
+                        rank += 1;
+                        pad + rank
+                    }
+                }));
+            }
+        }
     }
 
     /// What keeps the composite encoder's tokens from attending to padding.
