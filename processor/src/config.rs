@@ -617,7 +617,7 @@ pub struct BatchConfig {
     /// How many of the oldest queued inputs length grouping chooses from.
     pub grouping_window: usize,
     /// Longest a `Priority: bulk` input waits behind interactive ones: once the oldest bulk
-    /// input of a task has waited this long, that task's next batch starts with bulk inputs.
+    /// input of a task has waited this long, bulk and interactive lead batches in turn.
     pub bulk_max_wait_ms: u64,
 }
 

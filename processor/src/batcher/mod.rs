@@ -170,6 +170,7 @@ impl Batcher {
             accepting: true,
             stopped: false,
             swept: Instant::now(),
+            bulk_led_last: false,
         });
         let mut threads = Vec::with_capacity(workers);
         let mut loaded = Vec::with_capacity(workers);

@@ -31,7 +31,7 @@ pub struct BatchPolicy {
     /// How many of the oldest queued inputs grouping chooses from.
     pub grouping_window: usize,
     /// Longest a bulk input waits behind interactive ones: once the oldest bulk input has
-    /// waited this long, its task's next batch starts with bulk inputs.
+    /// waited this long, bulk and interactive lead batches in turn.
     pub bulk_max_wait: Duration,
     /// Warm every replica up on each batch shape class this policy can produce (GPU kernels
     /// are compiled and autotuned per class), not just on one small batch.
@@ -73,7 +73,12 @@ impl BatchPolicy {
         if queued + inputs > self.queue_capacity {
             return Some(self.queue_full(queued));
         }
-        if priority == Priority::Bulk && queued_bulk + inputs > self.bulk_capacity() {
+        // A bulk request larger than the share still goes into a queue holding no bulk, so
+        // that no request within `service.max_inputs` is refused for ever.
+        if priority == Priority::Bulk
+            && queued_bulk > 0
+            && queued_bulk + inputs > self.bulk_capacity()
+        {
             return Some(Refused::new(
                 ErrorCode::Overloaded,
                 format!(
@@ -85,9 +90,10 @@ impl BatchPolicy {
         None
     }
 
-    /// The queued inputs whose work comes before a new input of `priority`, at most: for bulk,
-    /// all of them; for interactive, the interactive ones, and as many bulk ones again plus a
-    /// batch (bulk leads at most every other batch while interactive inputs wait).
+    /// About how many queued inputs are computed before a new input of `priority`: for bulk,
+    /// all of them; for interactive, the interactive ones, and about as many bulk ones again
+    /// plus a batch (bulk leads at most every other batch while interactive inputs wait; an
+    /// estimate, as batches are not always full).
     pub fn queued_ahead(&self, priority: Priority, queued: u64, queued_bulk: u64) -> u64 {
         let interactive = queued.saturating_sub(queued_bulk);
         match priority {

@@ -129,8 +129,6 @@ impl Shared {
 pub(super) struct Lanes {
     pub(super) interactive: VecDeque<Item>,
     pub(super) bulk: VecDeque<Item>,
-    /// The task's last batch started from the bulk lane.
-    bulk_led_last: bool,
 }
 
 impl Lanes {
@@ -149,18 +147,25 @@ impl Lanes {
         self.interactive.len() + self.bulk.len()
     }
 
-    /// The lane the task's next batch starts from, with its rank (0 before 1) and the arrival
-    /// of the input that leads it: interactive if it holds anything, except that once the
-    /// oldest bulk input has waited `bulk_max_wait`, bulk leads every other batch (so bulk is
-    /// never starved, and interactive inputs wait at most one bulk batch).
-    fn lead(&self, now: Instant, bulk_max_wait: Duration) -> Option<(Priority, u8, Instant)> {
+    /// The lane the task's next batch would start from, with its rank (0 before 1) and the
+    /// arrival of the input that leads it: interactive if it holds anything, except that
+    /// once the oldest bulk input has waited `bulk_max_wait`, bulk leads whenever it is
+    /// `bulk_turn` (the queue's last batch, of any task, was not led by bulk). So bulk is never
+    /// starved, and while interactive inputs wait, every other batch at least is theirs.
+    fn lead(
+        &self,
+        now: Instant,
+        bulk_max_wait: Duration,
+        bulk_turn: bool,
+    ) -> Option<(Priority, u8, Instant)> {
         let bulk = self.bulk.front().map(|item| item.job.arrived);
         let interactive = self.interactive.front().map(|item| item.job.arrived);
         let aged = bulk.is_some_and(|bulk| bulk + bulk_max_wait <= now);
         match (interactive, bulk) {
-            (Some(_), Some(bulk)) if aged && !self.bulk_led_last => Some((Priority::Bulk, 0, bulk)),
+            (Some(_), Some(bulk)) if aged && bulk_turn => Some((Priority::Bulk, 0, bulk)),
             (Some(interactive), _) => Some((Priority::Interactive, 0, interactive)),
-            (None, Some(bulk)) => Some((Priority::Bulk, if aged { 0 } else { 1 }, bulk)),
+            // Bulk alone: before interactive inputs of other tasks only on its turn.
+            (None, Some(bulk)) => Some((Priority::Bulk, u8::from(!(aged && bulk_turn)), bulk)),
             (None, None) => None,
         }
     }
@@ -182,6 +187,9 @@ pub(super) struct Queue {
     pub(super) stopped: bool,
     /// When the whole queue was last swept.
     pub(super) swept: Instant,
+    /// The last batch handed out (of any task) started from a bulk lane: the next aged bulk
+    /// lane waits for an interactive-led batch first (see `Lanes::lead`).
+    pub(super) bulk_led_last: bool,
 }
 
 /// The actor: sweeps the queue, hands out batches whose `max_latency` came, and ends the
@@ -391,13 +399,14 @@ impl Queue {
         }
         self.purge(now, self.policy.grouping_window.max(self.policy.max_size));
         let bulk_max_wait = self.policy.bulk_max_wait;
+        let bulk_turn = !self.bulk_led_last;
         let (index, (lead, _, _)) = (0..self.waiting.len())
             .filter(|&i| self.is_ready(&self.waiting[i], now, flush))
-            .filter_map(|i| Some((i, self.waiting[i].lead(now, bulk_max_wait)?)))
+            .filter_map(|i| Some((i, self.waiting[i].lead(now, bulk_max_wait, bulk_turn)?)))
             .min_by_key(|&(_, (_, rank, arrived))| (rank, arrived))?;
+        self.bulk_led_last = lead == Priority::Bulk;
         let policy = self.policy;
         let lanes = &mut self.waiting[index];
-        lanes.bulk_led_last = lead == Priority::Bulk;
         let first = lanes.lane(lead);
         let mut items = if policy.length_grouping {
             take_grouped(first, &policy)

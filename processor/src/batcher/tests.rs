@@ -40,7 +40,7 @@ impl BatchModel for Recorder {
         "recorder"
     }
     fn supports(&self, task: Task) -> bool {
-        task == Task::Embed
+        matches!(task, Task::Embed | Task::Classify)
     }
     fn preparer(&self) -> Arc<dyn Prepare> {
         Arc::new(CharCount)
@@ -117,9 +117,19 @@ impl Harness {
         })
     }
 
-    /// Sends a request of the given priority in its own task.
+    /// Sends an `embed` request of the given priority in its own task.
     fn spawn_priority(
         &self,
+        items: &[&str],
+        priority: Priority,
+    ) -> tokio::task::JoinHandle<Result<Completed, Refused>> {
+        self.spawn_task(Task::Embed, items, priority)
+    }
+
+    /// Sends a request for `task` of the given priority in its own task.
+    fn spawn_task(
+        &self,
+        task: Task,
         items: &[&str],
         priority: Priority,
     ) -> tokio::task::JoinHandle<Result<Completed, Refused>> {
@@ -131,7 +141,7 @@ impl Harness {
         };
         tokio::spawn(async move {
             batcher
-                .infer_with(Task::Embed, inputs, InferOptions::default(), meta)
+                .infer_with(task, inputs, InferOptions::default(), meta)
                 .await
         })
     }
@@ -862,6 +872,50 @@ async fn once_bulk_waited_its_bound_bulk_and_interactive_take_turns() {
     for request in bulk {
         assert!(request.await.unwrap().is_ok());
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn aged_bulk_of_one_task_takes_turns_with_interactive_inputs_of_another() {
+    let mut harness = Harness::start(policy(2), 1, true).await;
+    let busy = harness.spawn(&["x"], None);
+    assert_eq!(harness.next_batch().await, ["x"]);
+    // A bulk backlog of `classify`, all of it past its bound, and interactive `embed`.
+    let bulk: Vec<_> = (0..8)
+        .map(|_| harness.spawn_task(Task::Classify, &["b"], Priority::Bulk))
+        .collect();
+    harness.wait_queued(8).await;
+    tokio::time::advance(harness.batcher.policy.bulk_max_wait).await;
+    let interactive: Vec<_> = ["i", "j"]
+        .into_iter()
+        .map(|t| harness.spawn_priority(&[t], Priority::Interactive))
+        .collect();
+    harness.wait_queued(10).await;
+    harness.release(7);
+    // The other task's bulk is older, yet the lanes alternate across tasks too.
+    assert_eq!(harness.next_batch().await, ["b", "b"]);
+    assert_eq!(harness.next_batch().await, ["i", "j"]);
+    for _ in 0..3 {
+        assert_eq!(harness.next_batch().await, ["b", "b"]);
+    }
+    for request in interactive.into_iter().chain(bulk) {
+        assert!(request.await.unwrap().is_ok());
+    }
+    assert!(busy.await.unwrap().is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bulk_request_larger_than_the_bulk_share_enters_a_queue_without_bulk() {
+    let policy = BatchPolicy {
+        queue_capacity: 8,
+        ..policy(8)
+    };
+    let mut harness = Harness::start(policy, 1, false).await;
+    let large = harness
+        .spawn_priority(&["a", "b", "c", "d", "e", "f", "g"], Priority::Bulk)
+        .await
+        .unwrap();
+    assert!(large.is_ok(), "{large:?}");
+    assert_eq!(harness.next_batch().await.len(), 7);
 }
 
 #[tokio::test(start_paused = true)]

@@ -20,7 +20,7 @@ use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::Message;
 use futures::StreamExt;
-use schemas::{headers, Encoding, ErrorBody, ErrorCode, InferReply, Task};
+use schemas::{headers, Encoding, ErrorBody, ErrorCode, InferReply, Priority, Task};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -45,8 +45,10 @@ pub(crate) struct Intake {
     /// it is answered `overloaded`.
     max_wait: Duration,
     /// Messages waiting for a place take it in the order they came (tokio's mutex is fair),
-    /// so a large request is not passed forever by small ones.
-    placing: tokio::sync::Mutex<()>,
+    /// so a large request is not passed forever by small ones; one line per priority class
+    /// (interactive, bulk), as the queue admits them on different terms and a waiting bulk
+    /// message must not hold up interactive ones.
+    placing: [tokio::sync::Mutex<()>; 2],
 }
 
 /// How long one pull stays open at the server. Messages arriving meanwhile are delivered at
@@ -86,7 +88,7 @@ impl Intake {
             capacity: config.batch.max_size * (workers + 1),
             pull_size: config.batch.max_size,
             max_wait: Duration::from_millis(config.batch.max_queue_wait_ms),
-            placing: tokio::sync::Mutex::new(()),
+            placing: [tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())],
             settings,
             prefix,
         })
@@ -339,9 +341,16 @@ impl Intake {
         let payload = &message.payload;
         let message_headers = message.headers.as_ref();
         let waiting_since = Instant::now();
+        // A malformed value queues as interactive here; decoding reports it.
+        let line = match request::header(message_headers, headers::PRIORITY)
+            .and_then(|value| value.parse().ok())
+        {
+            Some(Priority::Bulk) => 1,
+            _ => 0,
+        };
         let work = async {
             loop {
-                let turn = self.placing.lock().await;
+                let turn = self.placing[line].lock().await;
                 let ticket = loop {
                     match pipeline.place(task, payload.len(), message_headers, received) {
                         Ok(ticket) => break ticket,
