@@ -560,4 +560,38 @@ mod tests {
         assert_eq!(telemetry.liveness().0, StatusCode::OK);
         assert!(telemetry.readiness().1.contains("draining"));
     }
+
+    #[test]
+    fn the_output_cache_is_in_the_metrics_once_there_is_one() {
+        use schemas::{InferOptions, Input, Output, Task};
+        let telemetry = Telemetry::new(&crate::Config::default());
+        let stats = Arc::new(BatcherStats::default());
+        telemetry.model_loaded(stats.clone(), 1.0);
+        assert!(!telemetry.render().contains("bert_cache"));
+        let cache = Arc::new(crate::cache::OutputCache::new(1 << 20, &[Task::Embed]));
+        let _ = stats.cache.set(cache.clone());
+        let options = InferOptions::default();
+        let input = Input::from("a");
+        let output = Output::Embedding {
+            embedding: vec![0.5; 4],
+        };
+        assert_eq!(cache.get(Task::Embed, &options, &input), None);
+        cache.insert(Task::Embed, &options, &input, &output);
+        assert_eq!(cache.get(Task::Embed, &options, &input), Some(output));
+        let text = telemetry.render();
+        for line in [
+            "bert_cache_hits_total 1",
+            "bert_cache_misses_total 1",
+            "bert_cache_hit_ratio 0.5",
+            "bert_cache_entries 1",
+            "bert_cache_capacity_bytes 1048576",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
+        }
+        let bytes = text
+            .lines()
+            .find_map(|l| l.strip_prefix("bert_cache_bytes "))
+            .expect("bert_cache_bytes");
+        assert!(bytes.parse::<u64>().unwrap() > 16, "{bytes}");
+    }
 }
