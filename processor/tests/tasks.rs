@@ -321,6 +321,24 @@ fn a_pair_too_long_is_refused_or_cut_longest_first() {
         .encode_pair("a short query", &passage, true)
         .unwrap();
     assert_eq!(cut.ids.len(), max);
+    // The same ids as the tokenizers library's own longest-first truncation (what
+    // transformers' `truncation=True` runs).
+    let mut reference =
+        tokenizers::Tokenizer::from_file(fixtures().join("tiny-bert-rerank/tokenizer.json"))
+            .unwrap();
+    reference
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: max,
+            strategy: tokenizers::TruncationStrategy::LongestFirst,
+            ..tokenizers::TruncationParams::default()
+        }))
+        .unwrap()
+        .with_padding(None);
+    let expected = reference
+        .encode(("a short query", passage.as_str()), true)
+        .unwrap();
+    assert_eq!(cut.ids, expected.get_ids());
+    assert_eq!(cut.type_ids, expected.get_type_ids());
     // The query is kept whole; the passage was cut.
     let query = model
         .tokenizer()

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use schemas::ErrorCode;
-use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
+use tokenizers::utils::truncation::truncate_encodings;
+use tokenizers::{Encoding, Tokenizer, TruncationParams, TruncationStrategy};
 
 use super::LoadError;
 use crate::model::InputError;
@@ -17,8 +18,6 @@ use crate::model::InputError;
 /// The model's tokenizer plus the special ids the tasks need.
 pub struct BertTokenizer {
     inner: Tokenizer,
-    /// The same tokenizer, cutting pairs to `max_tokens` longest-first.
-    truncating: Tokenizer,
     /// Longest input in tokens, special tokens included.
     max_tokens: usize,
     pad_id: u32,
@@ -70,14 +69,6 @@ impl BertTokenizer {
         let vocabulary = (0..size)
             .map(|id| Arc::from(inner.id_to_token(id).unwrap_or_else(|| format!("[{id}]"))))
             .collect();
-        let mut truncating = inner.clone();
-        truncating
-            .with_truncation(Some(TruncationParams {
-                max_length: max_tokens,
-                strategy: TruncationStrategy::LongestFirst,
-                ..TruncationParams::default()
-            }))
-            .map_err(|e| invalid(e.to_string()))?;
         Ok(BertTokenizer {
             vocabulary,
             pad_id,
@@ -86,7 +77,6 @@ impl BertTokenizer {
             mask_token: mask.map_or("[MASK]", |(_, name)| name).to_string(),
             max_tokens,
             inner,
-            truncating,
         })
     }
 
@@ -132,14 +122,13 @@ impl BertTokenizer {
         passage: &str,
         truncate: bool,
     ) -> Result<Tokens, InputError> {
-        let tokenizer = if truncate {
-            &self.truncating
-        } else {
-            &self.inner
-        };
-        let encoding = tokenizer.encode((query, passage), true).map_err(|e| {
-            InputError::new(ErrorCode::InvalidInput, format!("cannot tokenise: {e}"))
-        })?;
+        let failed = |e| InputError::new(ErrorCode::InvalidInput, format!("cannot tokenise: {e}"));
+        let mut encoding = self.inner.encode((query, passage), true).map_err(failed)?;
+        if encoding.len() > self.max_tokens && truncate {
+            encoding = self
+                .cut_pair(query, passage, encoding.len())
+                .map_err(failed)?;
+        }
         if encoding.len() > self.max_tokens {
             let message = if truncate {
                 format!(
@@ -160,6 +149,22 @@ impl BertTokenizer {
             type_ids: encoding.get_type_ids().to_vec(),
             offsets: Vec::new(),
         })
+    }
+
+    /// A pair of `full` tokens cut to `max_tokens` longest-first, as the tokenizer's own
+    /// truncation would (with no second, truncating copy of the tokenizer held for it): the
+    /// two texts without special tokens are cut to what the special tokens leave, then framed.
+    fn cut_pair(&self, query: &str, passage: &str, full: usize) -> tokenizers::Result<Encoding> {
+        let query = self.inner.encode(query, false)?;
+        let passage = self.inner.encode(passage, false)?;
+        let special = full.saturating_sub(query.len() + passage.len());
+        let params = TruncationParams {
+            max_length: self.max_tokens.saturating_sub(special),
+            strategy: TruncationStrategy::LongestFirst,
+            ..TruncationParams::default()
+        };
+        let (query, passage) = truncate_encodings(query, Some(passage), &params)?;
+        self.inner.post_process(query, passage, true)
     }
 
     /// The most tokens an input may have (`[CLS]` and `[SEP]` included).

@@ -63,16 +63,20 @@ impl<'a> Weights<'a> {
         self.tensors.tensor(name).is_ok()
     }
 
-    /// The first dimension of a tensor (a Linear's output width, say).
-    pub fn rows(&self, name: &str) -> Result<usize, LoadError> {
-        let view = self
-            .tensors
+    /// A tensor of the file, or the error naming it.
+    fn view(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>, LoadError> {
+        self.tensors
             .tensor(name)
             .map_err(|_| LoadError::MissingTensor {
                 file: self.file.clone(),
                 name: name.to_string(),
-            })?;
-        view.shape()
+            })
+    }
+
+    /// The first dimension of a tensor (a Linear's output width, say).
+    pub fn rows(&self, name: &str) -> Result<usize, LoadError> {
+        self.view(name)?
+            .shape()
             .first()
             .copied()
             .ok_or_else(|| LoadError::Invalid {
@@ -88,13 +92,7 @@ impl<'a> Weights<'a> {
 
     /// The f32 values of a tensor whose shape must be `shape`.
     pub fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
-        let view = self
-            .tensors
-            .tensor(name)
-            .map_err(|_| LoadError::MissingTensor {
-                file: self.file.clone(),
-                name: name.to_string(),
-            })?;
+        let view = self.view(name)?;
         if view.shape() != shape {
             return Err(LoadError::Shape {
                 file: self.file.clone(),
