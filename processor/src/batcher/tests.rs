@@ -164,6 +164,14 @@ impl Harness {
         }
     }
 
+    /// Keeps the (gated) worker busy with a batch of its own, so that what is sent next
+    /// queues; the request answers once that batch is released.
+    async fn occupy_worker(&mut self) -> tokio::task::JoinHandle<Result<Completed, Refused>> {
+        let busy = self.spawn(&["x"], None);
+        assert_eq!(self.next_batch().await, ["x"]);
+        busy
+    }
+
     fn release(&self, batches: usize) {
         for _ in 0..batches {
             self.permits.send(()).unwrap();
@@ -175,6 +183,16 @@ fn policy(max_size: usize) -> BatchPolicy {
     BatchPolicy {
         length_grouping: false,
         ..BatchPolicy::new(max_size, 1000)
+    }
+}
+
+/// Asserts that every request succeeded.
+async fn assert_all_ok(
+    requests: impl IntoIterator<Item = tokio::task::JoinHandle<Result<Completed, Refused>>>,
+) {
+    for request in requests {
+        let result = request.await.unwrap();
+        assert!(result.is_ok(), "{result:?}");
     }
 }
 
@@ -795,8 +813,7 @@ async fn a_failed_start_ends_the_workers_that_did_load() {
 #[tokio::test(start_paused = true)]
 async fn interactive_inputs_go_first_and_bulk_fills_the_rest_of_the_batch() {
     let mut harness = Harness::start(policy(4), 1, true).await;
-    let busy = harness.spawn(&["x"], None);
-    assert_eq!(harness.next_batch().await, ["x"]);
+    let busy = harness.occupy_worker().await;
     // A bulk flood, then one interactive request of the same length, then a longer one.
     let bulk: Vec<_> = (0..10)
         .map(|_| harness.spawn_priority(&["b"], Priority::Bulk))
@@ -817,16 +834,13 @@ async fn interactive_inputs_go_first_and_bulk_fills_the_rest_of_the_batch() {
     assert_eq!(harness.next_batch().await, ["b", "b", "b", "b"]);
     assert!(interactive.await.unwrap().is_ok() && long.await.unwrap().is_ok());
     assert!(busy.await.unwrap().is_ok());
-    for request in bulk {
-        assert!(request.await.unwrap().is_ok());
-    }
+    assert_all_ok(bulk).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn bulk_that_waited_bulk_max_wait_goes_ahead_of_interactive() {
     let mut harness = Harness::start(policy(2), 1, true).await;
-    let busy = harness.spawn(&["x"], None);
-    assert_eq!(harness.next_batch().await, ["x"]);
+    let busy = harness.occupy_worker().await;
     let bulk = harness.spawn_priority(&["bulk"], Priority::Bulk);
     harness.wait_queued(1).await;
     tokio::time::advance(harness.batcher.policy.bulk_max_wait).await;
@@ -841,16 +855,13 @@ async fn bulk_that_waited_bulk_max_wait_goes_ahead_of_interactive() {
     assert_eq!(harness.next_batch().await, ["bulk", "i"]);
     assert_eq!(harness.next_batch().await, ["j", "k"]);
     assert!(bulk.await.unwrap().is_ok() && busy.await.unwrap().is_ok());
-    for request in interactive {
-        assert!(request.await.unwrap().is_ok());
-    }
+    assert_all_ok(interactive).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn once_bulk_waited_its_bound_bulk_and_interactive_take_turns() {
     let mut harness = Harness::start(policy(2), 1, true).await;
-    let busy = harness.spawn(&["x"], None);
-    assert_eq!(harness.next_batch().await, ["x"]);
+    let busy = harness.occupy_worker().await;
     let bulk: Vec<_> = (0..10)
         .map(|_| harness.spawn_priority(&["b"], Priority::Bulk))
         .collect();
@@ -869,16 +880,13 @@ async fn once_bulk_waited_its_bound_bulk_and_interactive_take_turns() {
     }
     assert_eq!(rest, vec!["b"; 7]);
     assert!(interactive.await.unwrap().is_ok() && busy.await.unwrap().is_ok());
-    for request in bulk {
-        assert!(request.await.unwrap().is_ok());
-    }
+    assert_all_ok(bulk).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn aged_bulk_of_one_task_takes_turns_with_interactive_inputs_of_another() {
     let mut harness = Harness::start(policy(2), 1, true).await;
-    let busy = harness.spawn(&["x"], None);
-    assert_eq!(harness.next_batch().await, ["x"]);
+    let busy = harness.occupy_worker().await;
     // A bulk backlog of `classify`, all of it past its bound, and interactive `embed`.
     let bulk: Vec<_> = (0..8)
         .map(|_| harness.spawn_task(Task::Classify, &["b"], Priority::Bulk))
@@ -897,9 +905,7 @@ async fn aged_bulk_of_one_task_takes_turns_with_interactive_inputs_of_another() 
     for _ in 0..3 {
         assert_eq!(harness.next_batch().await, ["b", "b"]);
     }
-    for request in interactive.into_iter().chain(bulk) {
-        assert!(request.await.unwrap().is_ok());
-    }
+    assert_all_ok(interactive.into_iter().chain(bulk)).await;
     assert!(busy.await.unwrap().is_ok());
 }
 
@@ -925,8 +931,7 @@ async fn bulk_fills_at_most_three_quarters_of_the_queue() {
         ..policy(2)
     };
     let mut harness = Harness::start(policy, 1, true).await;
-    let busy = harness.spawn(&["x"], None);
-    assert_eq!(harness.next_batch().await, ["x"]);
+    let busy = harness.occupy_worker().await;
     let bulk: Vec<_> = (0..6)
         .map(|_| harness.spawn_priority(&["b"], Priority::Bulk))
         .collect();
@@ -955,9 +960,7 @@ async fn bulk_fills_at_most_three_quarters_of_the_queue() {
     assert!(full.message.starts_with("queue full"), "{}", full.message);
     harness.release(8);
     assert!(interactive.await.unwrap().is_ok() && busy.await.unwrap().is_ok());
-    for request in bulk {
-        assert!(request.await.unwrap().is_ok());
-    }
+    assert_all_ok(bulk).await;
 }
 
 /// Real time, real threads: a simulated accelerator at 4 ms + 0.25 ms per input, batches of 8.
