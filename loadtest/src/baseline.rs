@@ -214,7 +214,8 @@ async fn nats_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Ve
 /// body, `Content-Type` header, the request's inputs echoed), at each closed-loop concurrency of
 /// the run, 2 s each. Open loops have none.
 async fn client_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Vec<EchoBaseline>> {
-    if cli.rate.is_some() || cli.overload.is_some() {
+    if cli.rate.is_some() || cli.overload.is_some() || cli.client == crate::ClientArg::Raw {
+        // Raw rows are compared with the plain NATS echo: the same client.
         return Ok(Vec::new());
     }
     let prefix = format!("loadtest{}client", std::process::id());
@@ -249,7 +250,8 @@ async fn client_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<
         retries: 0,
         ..producer::ClientOptions::default()
     };
-    let client = producer::Client::connect_with(url, options).await?;
+    let client =
+        crate::drive::Sender::Producer(producer::Client::connect_with(url, options).await?);
     let levels = match cli.concurrency.as_slice() {
         [] => vec![256],
         levels => levels.to_vec(),

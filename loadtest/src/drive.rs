@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use producer::Client;
-use schemas::{InferRequest, Task};
+use schemas::{encode, Encoding, ErrorBody, ErrorCode, InferRequest, Task};
 use tokio::time::Instant;
 
 /// The built-in inputs: the mixed 8-128-token sentences of the benchmarks.
@@ -70,22 +70,109 @@ pub fn inputs(file: Option<&Path>) -> anyhow::Result<Vec<String>> {
     Ok(inputs)
 }
 
+/// What sends the requests of a measurement.
+#[derive(Clone)]
+pub enum Sender {
+    /// The producer library: CBOR encoding per request, its headers (`Content-Type`,
+    /// `Request-Timeout-Ms`), its reply decoding.
+    Producer(Client),
+    /// Plain async-nats request/reply of CBOR requests encoded once, without headers, as a
+    /// client in any language may send them; a reply counts as a success unless it carries
+    /// `Nats-Service-Error-Code` (its body is not decoded, as in the plain NATS echo). So the
+    /// only difference from the plain NATS echo baseline is the responder.
+    Raw {
+        nats: async_nats::Client,
+        /// `{prefix}.embed`.
+        subject: String,
+        /// Per request, as the producer's default.
+        timeout: Duration,
+    },
+}
+
+/// How each lane sends: the requests, and for `Raw` their encoded payloads.
+struct Requests {
+    requests: Vec<InferRequest>,
+    payloads: Vec<bytes::Bytes>,
+}
+
+impl Sender {
+    async fn send(&self, requests: &Requests, i: usize) -> Result<(), producer::Error> {
+        let i = i % requests.requests.len();
+        match self {
+            Sender::Producer(client) => client
+                .request(Task::Embed, &requests.requests[i])
+                .await
+                .map(drop),
+            Sender::Raw {
+                nats,
+                subject,
+                timeout,
+            } => {
+                let request = async_nats::Request::new()
+                    .payload(requests.payloads[i].clone())
+                    .timeout(Some(*timeout));
+                let reply = nats
+                    .send_request(subject.clone(), request)
+                    .await
+                    .map_err(|err| raw_error(err, subject, *timeout))?;
+                match reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(schemas::headers::SERVICE_ERROR_CODE))
+                {
+                    None => Ok(()),
+                    Some(code) => {
+                        let body = schemas::decode::<ErrorBody>(Encoding::Cbor, &reply.payload)
+                            .unwrap_or_else(|_| {
+                                let mut body = ErrorBody::new(ErrorCode::Internal, "error reply");
+                                body.code = code.as_str().trim().parse().unwrap_or(500);
+                                body
+                            });
+                        Err(producer::Error::Service(body))
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn raw_error(err: async_nats::RequestError, subject: &str, timeout: Duration) -> producer::Error {
+    use async_nats::RequestErrorKind;
+    match err.kind() {
+        RequestErrorKind::NoResponders => producer::Error::NoResponders {
+            subject: subject.to_string(),
+            attempts: 1,
+        },
+        RequestErrorKind::TimedOut => producer::Error::TimedOut {
+            subject: subject.to_string(),
+            timeout,
+            attempts: 1,
+        },
+        _ => producer::Error::Transport(err.to_string()),
+    }
+}
+
 /// Sends load for `duration`; shows a progress bar when `label` is given.
 pub async fn drive(
-    client: &Client,
+    sender: &Sender,
     inputs: &[String],
     per_request: usize,
     load: Load,
     duration: Duration,
     label: Option<&str>,
 ) -> Outcome {
-    let requests: Arc<Vec<InferRequest>> = Arc::new(
-        (0..inputs.len())
-            .map(|i| {
-                InferRequest::new((0..per_request).map(|k| inputs[(i + k) % inputs.len()].clone()))
-            })
-            .collect(),
-    );
+    let requests: Vec<InferRequest> = (0..inputs.len())
+        .map(|i| InferRequest::new((0..per_request).map(|k| inputs[(i + k) % inputs.len()].clone())))
+        .collect();
+    let payloads = match sender {
+        Sender::Producer(_) => Vec::new(),
+        Sender::Raw { .. } => requests
+            .iter()
+            .map(|request| encode(Encoding::Cbor, request).map(bytes::Bytes::from))
+            .collect::<Result<_, _>>()
+            .expect("a request always encodes"),
+    };
+    let requests = Arc::new(Requests { requests, payloads });
     let outcome = Arc::new(Mutex::new(Outcome::default()));
     let progress = label.map(|label| {
         let bar = ProgressBar::new(duration.as_millis() as u64);
@@ -115,15 +202,13 @@ pub async fn drive(
     match load {
         Load::Closed { concurrency } => {
             for lane in 0..concurrency {
-                let (client, requests, outcome) =
-                    (client.clone(), requests.clone(), outcome.clone());
+                let (sender, requests, outcome) =
+                    (sender.clone(), requests.clone(), outcome.clone());
                 tasks.spawn(async move {
                     let mut i = lane;
                     while Instant::now() < end {
                         let sent = Instant::now();
-                        let result = client
-                            .request(Task::Embed, &requests[i % requests.len()])
-                            .await;
+                        let result = sender.send(&requests, i).await;
                         record(&outcome, sent, result);
                         i += concurrency;
                     }
@@ -139,12 +224,10 @@ pub async fn drive(
                     break;
                 }
                 tokio::time::sleep_until(scheduled).await;
-                let (client, requests, outcome) =
-                    (client.clone(), requests.clone(), outcome.clone());
+                let (sender, requests, outcome) =
+                    (sender.clone(), requests.clone(), outcome.clone());
                 tasks.spawn(async move {
-                    let result = client
-                        .request(Task::Embed, &requests[i % requests.len()])
-                        .await;
+                    let result = sender.send(&requests, i).await;
                     record(&outcome, scheduled, result);
                 });
                 i += 1;
@@ -166,7 +249,7 @@ pub async fn drive(
 fn record(
     outcome: &Mutex<Outcome>,
     since: Instant,
-    result: Result<schemas::InferReply, producer::Error>,
+    result: Result<(), producer::Error>,
 ) {
     let latency = since.elapsed();
     let mut outcome = outcome.lock().expect("lock");

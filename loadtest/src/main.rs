@@ -100,6 +100,20 @@ pub struct Cli {
     /// The `processor` binary (default: next to this one).
     #[arg(long)]
     processor_bin: Option<PathBuf>,
+    /// What sends the requests to the processors (core transport only).
+    #[arg(long, value_enum, default_value_t = ClientArg::Producer)]
+    client: ClientArg,
+}
+
+/// What sends the requests (see [`drive::Sender`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientArg {
+    /// The producer library, as a Rust application uses it (its headers, its decoding).
+    Producer,
+    /// Plain NATS requests encoded once, no headers, replies not decoded: the same client
+    /// as the plain NATS echo baseline, so only the responder differs.
+    Raw,
 }
 
 /// Which model the processors serve.
@@ -270,6 +284,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "no processor binary at {} (build it with `cargo build --release -p processor`, or pass --processor-bin)",
         processor_bin.display()
     );
+    anyhow::ensure!(
+        cli.client == ClientArg::Producer || cli.transport == Transport::Core,
+        "--client raw sends core requests; JetStream requests go through the producer library"
+    );
     let inputs = drive::inputs(cli.inputs.as_deref())?;
 
     eprintln!("measuring baselines…");
@@ -354,10 +372,19 @@ async fn measure_workers(
         retries: 0,
         ..ClientOptions::default()
     };
-    let client = Client::connect_with(&url, options)
-        .await
-        .with_context(|| format!("connecting to {}", schemas::redact_server_urls(&url)))?;
     let nats = connect(&url).await?;
+    let sender = match cli.client {
+        ClientArg::Producer => drive::Sender::Producer(
+            Client::connect_with(&url, options.clone())
+                .await
+                .with_context(|| format!("connecting to {}", schemas::redact_server_urls(&url)))?,
+        ),
+        ClientArg::Raw => drive::Sender::Raw {
+            nats: connect(&url).await?,
+            subject: schemas::subject(&prefix, schemas::Task::Embed),
+            timeout: options.timeout,
+        },
+    };
     let stream_replicas = match setup.replicas {
         Some(_) => Some(stream_replicas(&nats, &prefix).await?),
         None => None,
@@ -366,7 +393,7 @@ async fn measure_workers(
     let mut runs = Vec::with_capacity(loads.len());
     for &load in loads {
         drive::drive(
-            &client,
+            &sender,
             inputs,
             cli.inputs_per_request,
             load,
@@ -380,7 +407,7 @@ async fn measure_workers(
             Load::Open { rate } => format!("{workers} worker(s), {rate}/s"),
         };
         let outcome = drive::drive(
-            &client,
+            &sender,
             inputs,
             cli.inputs_per_request,
             load,

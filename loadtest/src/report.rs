@@ -60,6 +60,8 @@ pub struct Report {
     pub device: String,
     pub dtype: String,
     pub load: Load,
+    /// What sent the requests (`producer` or `raw`).
+    pub client: crate::ClientArg,
     pub inputs_per_request: usize,
     pub duration_s: f64,
     pub max_batch_size: usize,
@@ -151,8 +153,8 @@ impl Report {
     /// An empty report; prints the baselines and the table header.
     pub fn new(cli: &Cli, load: Load, baselines: Baselines) -> Report {
         println!(
-            "model {:?}, {load:?}, {} input(s) per request, batch.max_size {}, {:?} per worker count",
-            cli.model, cli.inputs_per_request, cli.max_batch_size, cli.duration
+            "model {:?}, {load:?}, {} input(s) per request, batch.max_size {}, {:?} per worker count, client {:?}",
+            cli.model, cli.inputs_per_request, cli.max_batch_size, cli.duration, cli.client
         );
         println!(
             "baselines: bare model {:.1} inputs/s at batch {}; plain NATS echo {:.0} requests/s (p50 {:.3} ms)",
@@ -186,6 +188,7 @@ impl Report {
             device: cli.device.clone(),
             dtype: cli.dtype.clone(),
             load,
+            client: cli.client,
             inputs_per_request: cli.inputs_per_request,
             duration_s: cli.duration.as_secs_f64(),
             max_batch_size: cli.max_batch_size,
