@@ -198,7 +198,7 @@ impl Processor {
             .is_err()
         {
             tracing::warn!(
-                unanswered = requests.len(),
+                unanswered = self.pipeline.held_requests(),
                 "grace period over: exiting with requests unanswered"
             );
         }

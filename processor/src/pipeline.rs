@@ -10,7 +10,7 @@ use async_nats::HeaderMap;
 use schemas::{Encoding, ErrorBody, ErrorCode, InferReply, Task};
 use tokio::time::Instant;
 
-use crate::batcher::{Batcher, Busy};
+use crate::batcher::{Batcher, Busy, Completed, Done};
 use crate::request::{self, Limits, Reply};
 use crate::telemetry::{Shed, Telemetry};
 
@@ -108,6 +108,8 @@ pub(crate) struct Pipeline {
     pub telemetry: Arc<Telemetry>,
     /// The connection, for its negotiated `max_payload` (it may change on reconnect).
     nats: async_nats::Client,
+    /// The model's name, as every reply gives it.
+    model_name: Arc<str>,
 }
 
 impl Pipeline {
@@ -119,6 +121,7 @@ impl Pipeline {
         nats: async_nats::Client,
     ) -> Self {
         Pipeline {
+            model_name: batcher.model_name().into(),
             batcher,
             limits,
             admission,
@@ -126,6 +129,12 @@ impl Pipeline {
             telemetry,
             nats,
         }
+    }
+
+    /// Requests taken and not yet answered (JetStream messages waiting for a place are not
+    /// counted).
+    pub fn held_requests(&self) -> usize {
+        self.admission.held().0
     }
 
     /// The processor's main NATS connection.
@@ -208,29 +217,62 @@ impl Pipeline {
     }
 
     /// Decodes, checks and computes one admitted request. `received` is when its time
-    /// budget starts.
+    /// budget starts. Returns the result and the request's input count.
     pub async fn compute(
-        &self,
+        self: &Arc<Self>,
         task: Task,
         encoding: Encoding,
         payload: &bytes::Bytes,
         message_headers: Option<&HeaderMap>,
         received: Instant,
     ) -> (Result<InferReply, ErrorBody>, usize) {
-        let parsed = if payload.len() <= DECODE_INLINE_BYTES {
-            request::parse(
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.start(
+            task,
+            encoding,
+            payload,
+            message_headers,
+            received,
+            move |result, inputs| {
+                let _ = tx.send((result, inputs));
+            },
+        );
+        rx.await.unwrap_or_else(|_| {
+            let error = ErrorBody::new(ErrorCode::Internal, "the request was dropped unanswered");
+            (Err(error), 0)
+        })
+    }
+
+    /// [`Pipeline::compute`] without waiting: `answer` gets the result and the request's
+    /// input count, on whichever thread completes the request (it should only hand them
+    /// over). A small payload is decoded here and now; a large one on a blocking thread.
+    /// Must be called inside a tokio runtime.
+    pub fn start(
+        self: &Arc<Self>,
+        task: Task,
+        encoding: Encoding,
+        payload: &bytes::Bytes,
+        message_headers: Option<&HeaderMap>,
+        received: Instant,
+        answer: impl FnOnce(Result<InferReply, ErrorBody>, usize) + Send + 'static,
+    ) {
+        if payload.len() <= DECODE_INLINE_BYTES {
+            let parsed = request::parse(
                 task,
                 encoding,
                 payload,
                 message_headers,
                 received,
                 &self.limits,
-            )
-        } else {
-            // Decoding a large payload takes milliseconds: not on the runtime's threads.
-            let (payload, message_headers) = (payload.clone(), message_headers.cloned());
-            let limits = self.limits.clone();
-            tokio::task::spawn_blocking(move || {
+            );
+            return self.submit(task, parsed, answer);
+        }
+        // Decoding a large payload takes milliseconds: not on the runtime's threads.
+        let (payload, message_headers) = (payload.clone(), message_headers.cloned());
+        let pipeline = self.clone();
+        tokio::spawn(async move {
+            let limits = pipeline.limits.clone();
+            let parsed = tokio::task::spawn_blocking(move || {
                 request::parse(
                     task,
                     encoding,
@@ -246,34 +288,41 @@ impl Pipeline {
                     ErrorCode::Internal,
                     format!("decoding: {e}"),
                 ))
-            })
-        };
+            });
+            pipeline.submit(task, parsed, answer);
+        });
+    }
+
+    /// Hands a decoded request to the scheduler (or answers its decoding error).
+    fn submit(
+        &self,
+        task: Task,
+        parsed: Result<request::Parsed, ErrorBody>,
+        answer: impl FnOnce(Result<InferReply, ErrorBody>, usize) + Send + 'static,
+    ) {
         let parsed = match parsed {
             Ok(parsed) => parsed,
-            Err(error) => return (Err(error), 0),
+            Err(error) => return answer(Err(error), 0),
         };
         let inputs = parsed.inputs.len();
-        let completed = self
-            .batcher
-            .infer_with(
-                task,
-                parsed.inputs,
-                parsed.options,
-                crate::batcher::RequestMeta {
-                    deadline: parsed.deadline,
-                    priority: parsed.priority,
-                    request_id: parsed.request_id,
-                },
-            )
-            .await;
-        let result = completed
-            .map(|completed| InferReply {
-                outputs: completed.outputs,
-                model: self.batcher.model_name().to_string(),
-                batch_size: completed.batch_size as u32,
-            })
-            .map_err(ErrorBody::from);
-        (result, inputs)
+        let model = self.model_name.clone();
+        let meta = crate::batcher::RequestMeta {
+            deadline: parsed.deadline,
+            priority: parsed.priority,
+            request_id: parsed.request_id,
+        };
+        let done = Done::new(move |completed: Result<Completed, _>| {
+            let result = completed
+                .map(|completed| InferReply {
+                    outputs: completed.outputs,
+                    model: model.to_string(),
+                    batch_size: completed.batch_size as u32,
+                })
+                .map_err(ErrorBody::from);
+            answer(result, inputs)
+        });
+        self.batcher
+            .submit(task, parsed.inputs, parsed.options, meta, done);
     }
 
     /// The message that answers a request of `inputs` inputs with `result`, within the

@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use schemas::{ErrorCode, InferOptions, Input, Output, Priority, Task};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Completed, Refused};
@@ -33,6 +32,38 @@ pub(super) fn input_error(index: usize, inputs: usize, error: InputError) -> Ref
     Refused::new(error.code, message)
 }
 
+/// What to do with a request's outcome: called once, on the thread that completes the
+/// request (a model worker, the queue's actor, or the submitting one). Dropped without being
+/// called (the scheduler stopped with the request still held), it is called with an
+/// `internal` error, so that no request goes unanswered.
+pub struct Done(Option<Box<dyn FnOnce(Result<Completed, Refused>) + Send>>);
+
+impl Done {
+    /// Calls `answer` with the outcome. It should be quick (it may run on a model worker's
+    /// thread): hand the outcome over, do not encode or publish there.
+    pub fn new(answer: impl FnOnce(Result<Completed, Refused>) + Send + 'static) -> Self {
+        Done(Some(Box::new(answer)))
+    }
+
+    /// Answers the request.
+    pub fn send(mut self, outcome: Result<Completed, Refused>) {
+        if let Some(answer) = self.0.take() {
+            answer(outcome);
+        }
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let Some(answer) = self.0.take() {
+            answer(Err(Refused::new(
+                ErrorCode::Internal,
+                "the batcher has stopped",
+            )));
+        }
+    }
+}
+
 /// One request in flight: its prepared inputs and the results gathered so far.
 pub(super) struct Job {
     pub(super) task: Task,
@@ -57,7 +88,7 @@ pub(super) struct Progress {
     pub(super) remaining: usize,
     pub(super) largest_batch: usize,
     /// Taken when the request is answered.
-    pub(super) done: Option<oneshot::Sender<Result<Completed, Refused>>>,
+    pub(super) done: Option<Done>,
 }
 
 impl Job {
@@ -70,7 +101,7 @@ impl Job {
         options: InferOptions,
         deadline: Option<Instant>,
         cached: Vec<Option<Output>>,
-        done: oneshot::Sender<Result<Completed, Refused>>,
+        done: Done,
     ) -> Self {
         let n = inputs.len();
         let mut results: Vec<Option<Result<Output, InputError>>> = (0..n).map(|_| None).collect();
@@ -109,7 +140,7 @@ impl Job {
         let done = self.progress.lock().expect("job lock").done.take();
         match done {
             Some(done) => {
-                let _ = done.send(Err(error));
+                done.send(Err(error));
                 true
             }
             None => false,
@@ -152,7 +183,7 @@ impl Job {
                     .map_err(|e| input_error(i, n, e))
             })
             .collect::<Result<Vec<_>, _>>();
-        let _ = done.send(outputs.map(|outputs| Completed {
+        done.send(outputs.map(|outputs| Completed {
             outputs,
             batch_size,
         }));

@@ -39,6 +39,7 @@ use crate::model::{BatchModel, Prepare, Prepared};
 pub use crate::stats::BatcherStats;
 pub use policy::BatchPolicy;
 
+pub use job::Done;
 use job::{expired_error, input_error, Job};
 use queue::{Queue, Shared};
 use worker::{load_and_warm_up, work, Loaded};
@@ -290,28 +291,55 @@ impl Batcher {
         options: InferOptions,
         meta: RequestMeta,
     ) -> Result<Completed, Refused> {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.submit(
+            task,
+            inputs,
+            options,
+            meta,
+            Done::new(move |outcome| {
+                let _ = done_tx.send(outcome);
+            }),
+        );
+        done_rx
+            .await
+            .unwrap_or_else(|_| Err(Refused::new(ErrorCode::Internal, "the batcher has stopped")))
+    }
+
+    /// [`Batcher::infer_with`] without waiting: `done` is called with the outcome, on the
+    /// thread that completes the request (see [`Done`]). Nothing here waits: inputs whose
+    /// preparing is trivial are prepared and queued at once, the others on a task of their
+    /// own (must be called inside a tokio runtime).
+    pub fn submit(
+        &self,
+        task: Task,
+        inputs: Vec<Input>,
+        options: InferOptions,
+        meta: RequestMeta,
+        done: Done,
+    ) {
         if let Some(reason) = &self.unsupported[task_index(task)] {
-            return Err(Refused::new(ErrorCode::UnsupportedTask, reason.clone()));
+            return done.send(Err(Refused::new(ErrorCode::UnsupportedTask, reason.clone())));
         }
         if inputs.is_empty() {
-            return Ok(Completed {
+            return done.send(Ok(Completed {
                 outputs: Vec::new(),
                 batch_size: 0,
-            });
+            }));
         }
         if inputs.len() > self.policy.queue_capacity {
-            return Err(Refused::new(
+            return done.send(Err(Refused::new(
                 ErrorCode::TooLarge,
                 format!(
                     "{} inputs do not fit in the queue ({} inputs); split the request",
                     inputs.len(),
                     self.policy.queue_capacity
                 ),
-            ));
+            )));
         }
         if meta.deadline.is_some_and(|d| d <= Instant::now()) {
             self.stats.expired.fetch_add(1, Ordering::Relaxed);
-            return Err(expired_error(Duration::ZERO));
+            return done.send(Err(expired_error(Duration::ZERO)));
         }
         let cache = self.cache.as_ref().filter(|cache| cache.caches(task));
         let cached: Vec<Option<Output>> = match cache {
@@ -322,34 +350,54 @@ impl Batcher {
             None => Vec::new(),
         };
         if !cached.is_empty() && cached.iter().all(Option::is_some) {
-            return Ok(Completed {
+            return done.send(Ok(Completed {
                 outputs: cached.into_iter().flatten().collect(),
                 batch_size: 0,
-            });
+            }));
         }
-        let (inputs, options, prepared, cached) =
-            self.prepare(task, inputs, options, cached).await?;
-        let (done_tx, done_rx) = oneshot::channel();
-        let mut job = Job::new(
-            task,
-            inputs,
-            prepared,
-            options,
-            meta.deadline,
-            cached,
-            done_tx,
-        );
+        if self.preparer.is_cheap() {
+            match prepare_all(&*self.preparer, task, &inputs, &options, &cached) {
+                Ok(prepared) => self.enqueue(task, inputs, options, prepared, cached, meta, done),
+                Err(refused) => done.send(Err(refused)),
+            }
+            return;
+        }
+        let batcher = self.clone();
+        tokio::spawn(async move {
+            match batcher.prepare(task, inputs, options, cached).await {
+                Ok((inputs, options, prepared, cached)) => {
+                    batcher.enqueue(task, inputs, options, prepared, cached, meta, done)
+                }
+                Err(refused) => done.send(Err(refused)),
+            }
+        });
+    }
+
+    /// Queues a prepared request.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &self,
+        task: Task,
+        inputs: Vec<Input>,
+        options: InferOptions,
+        prepared: Vec<Prepared>,
+        cached: Vec<Option<Output>>,
+        meta: RequestMeta,
+        done: Done,
+    ) {
+        let mut job = Job::new(task, inputs, prepared, options, meta.deadline, cached, done);
         job.request_id = meta.request_id;
         job.priority = meta.priority;
-        job.cache = cache.cloned();
-        let job = Arc::new(job);
-        let stopped = || Refused::new(ErrorCode::Internal, "the batcher has stopped");
-        self.queue.submit(job);
-        done_rx.await.map_err(|_| stopped())?
+        job.cache = self
+            .cache
+            .as_ref()
+            .filter(|cache| cache.caches(task))
+            .cloned();
+        self.queue.submit(Arc::new(job));
     }
 
     /// Prepares every input that has no `cached` output (failing on the first that cannot
-    /// be), on a blocking thread unless the model's preparing is trivial.
+    /// be), on a blocking thread (at most one per core at once).
     #[allow(clippy::type_complexity)]
     async fn prepare(
         &self,
@@ -358,28 +406,6 @@ impl Batcher {
         options: InferOptions,
         cached: Vec<Option<Output>>,
     ) -> Result<(Vec<Input>, InferOptions, Vec<Prepared>, Vec<Option<Output>>), Refused> {
-        fn all(
-            preparer: &dyn Prepare,
-            task: Task,
-            inputs: &[Input],
-            options: &InferOptions,
-            cached: &[Option<Output>],
-        ) -> Result<Vec<Prepared>, Refused> {
-            inputs
-                .iter()
-                .enumerate()
-                .map(|(i, input)| match cached.get(i) {
-                    Some(Some(_)) => Ok(Prepared::default()),
-                    _ => preparer
-                        .prepare(task, input, options)
-                        .map_err(|e| input_error(i, inputs.len(), e)),
-                })
-                .collect()
-        }
-        if self.preparer.is_cheap() {
-            let prepared = all(&*self.preparer, task, &inputs, &options, &cached)?;
-            return Ok((inputs, options, prepared, cached));
-        }
         let _permit = self
             .preparing
             .acquire()
@@ -387,7 +413,7 @@ impl Batcher {
             .map_err(|_| Refused::new(ErrorCode::Internal, "the preparing pool is closed"))?;
         let preparer = self.preparer.clone();
         let (inputs, options, cached, prepared) = tokio::task::spawn_blocking(move || {
-            let prepared = all(&*preparer, task, &inputs, &options, &cached);
+            let prepared = prepare_all(&*preparer, task, &inputs, &options, &cached);
             (inputs, options, cached, prepared)
         })
         .await
@@ -453,6 +479,26 @@ impl Batcher {
     pub fn stats(&self) -> &Arc<BatcherStats> {
         &self.stats
     }
+}
+
+/// Prepares every input that has no `cached` output, failing on the first that cannot be.
+fn prepare_all(
+    preparer: &dyn Prepare,
+    task: Task,
+    inputs: &[Input],
+    options: &InferOptions,
+    cached: &[Option<Output>],
+) -> Result<Vec<Prepared>, Refused> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| match cached.get(i) {
+            Some(Some(_)) => Ok(Prepared::default()),
+            _ => preparer
+                .prepare(task, input, options)
+                .map_err(|e| input_error(i, inputs.len(), e)),
+        })
+        .collect()
 }
 
 /// A task's position in `Task::ALL` (per-task tables).

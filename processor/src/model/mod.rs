@@ -139,12 +139,17 @@ impl Prepare for WordCount {
         input: &Input,
         _options: &InferOptions,
     ) -> Result<Prepared, InputError> {
-        // ASCII whitespace, byte by byte: this runs on the request path for every input.
+        // Word starts (a non-blank byte after a blank one or the start), counted without a
+        // branch per byte: this runs on the request path for every input.
         let words = |text: &str| {
-            text.as_bytes()
-                .split(u8::is_ascii_whitespace)
-                .filter(|word| !word.is_empty())
-                .count()
+            let mut blank_before = true;
+            let mut count = 0;
+            for &byte in text.as_bytes() {
+                let blank = byte.is_ascii_whitespace();
+                count += usize::from(blank_before & !blank);
+                blank_before = blank;
+            }
+            count
         };
         // A pair is framed as `[CLS] query [SEP] passage [SEP]`.
         let tokens = match input.passage() {
@@ -410,6 +415,22 @@ pub fn load_bert(config: &ModelConfig, index: usize) -> anyhow::Result<bert::Ber
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn word_count_counts_words_between_any_ascii_blanks_and_frames_them() {
+        let count = |input: Input| {
+            WordCount
+                .prepare(Task::Embed, &input, &InferOptions::default())
+                .unwrap()
+                .tokens
+        };
+        for text in ["", " ", "one", "  one  two\tthree\nfour\r\n", "día ñandú", "a b  c   "] {
+            let words = text.split_ascii_whitespace().count();
+            assert_eq!(count(Input::Text(text.to_string())), words + 2, "{text:?}");
+        }
+        let pair = Input::Pair("what is it".to_string(), " a cat ".to_string());
+        assert_eq!(count(pair), 3 + 2 + 3);
+    }
 
     #[test]
     fn warm_up_shapes_cover_every_class_and_every_padded_length_within_the_bounds() {

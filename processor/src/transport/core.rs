@@ -1,9 +1,11 @@
 //! The core transport: NATS micro service endpoints in the processors' queue group, one
 //! reply per request on its reply subject.
 //!
-//! Each endpoint's loop only admits: a message over the in-flight bounds is answered
-//! `overloaded` right there (nothing decoded), the others get a small task of their own, so
-//! the loop keeps draining its subscription however slow the model is.
+//! Each endpoint's loop only admits and hands over: a message over the in-flight bounds is
+//! answered `overloaded` right there (nothing decoded), the others are decoded and queued
+//! (large payloads, and inputs that need tokenising, on a task of their own), so the loop
+//! keeps draining its subscription however slow the model is. No task waits for a request:
+//! its result goes to one replier task, which encodes and sends the replies.
 //!
 //! The endpoints live on a connection of their own. At shutdown that connection is drained:
 //! async-nats unsubscribes, reads and hands over what the server had already sent, and then
@@ -15,12 +17,11 @@ use std::sync::Arc;
 
 use async_nats::service::{endpoint::Endpoint, Request, Service};
 use futures::StreamExt;
-use schemas::{Encoding, Task};
-use tokio::sync::RwLock;
+use schemas::{Encoding, ErrorBody, InferReply, Task};
+use tokio::sync::{mpsc, RwLock};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::config::ServiceConfig;
 use crate::pipeline::{Pipeline, Ticket};
@@ -88,8 +89,9 @@ impl Intake {
     }
 
     /// Serves every endpoint until `stop`; then drains the intake connection and answers
-    /// every request the server had sent before it stopped routing here. Request tasks are
-    /// tracked by `requests`.
+    /// every request the server had sent before it stopped routing here. The replier task
+    /// (and the encoding of large replies) is tracked by `requests`: it ends once every
+    /// request taken is answered.
     pub(crate) async fn serve(
         self,
         pipeline: Arc<Pipeline>,
@@ -97,16 +99,25 @@ impl Intake {
         stop: CancellationToken,
     ) {
         let route_replies: ReplyRoute = Arc::new(RwLock::new(true));
+        let (answered, replies) = mpsc::unbounded_channel();
+        requests.spawn(reply_loop(
+            replies,
+            pipeline.clone(),
+            requests.clone(),
+            route_replies.clone(),
+        ));
         let mut loops = tokio::task::JoinSet::new();
         for (route, endpoint) in self.endpoints {
             loops.spawn(serve_endpoint(
                 route,
                 endpoint,
                 pipeline.clone(),
-                requests.clone(),
+                answered.clone(),
                 route_replies.clone(),
             ));
         }
+        // The loops and the requests in flight hold the other senders.
+        drop(answered);
         tokio::select! {
             _ = stop.cancelled() => {}
             // Every endpoint ended by itself: the connection was closed.
@@ -128,24 +139,36 @@ impl Intake {
     }
 }
 
+/// A request whose result is known, on its way to the replier.
+struct Answered {
+    request: Request,
+    task: Task,
+    encoding: Encoding,
+    result: Result<InferReply, ErrorBody>,
+    inputs: usize,
+    /// Its place in the in-flight bounds, given back once the reply is sent.
+    ticket: Ticket,
+}
+
 async fn serve_endpoint(
     route: Route,
     mut endpoint: Endpoint,
     pipeline: Arc<Pipeline>,
-    requests: TaskTracker,
+    answered: mpsc::UnboundedSender<Answered>,
     route_replies: ReplyRoute,
 ) {
     while let Some(request) = endpoint.next().await {
-        take(route, request, &pipeline, &requests, &route_replies).await;
+        take(route, request, &pipeline, &answered, &route_replies).await;
     }
 }
 
-/// Admits one message, or answers it at once.
+/// Admits one message and hands it to the pipeline, or answers it at once. Nothing here
+/// waits for the model: the result reaches the replier through `answered`.
 async fn take(
     route: Route,
     request: Request,
     pipeline: &Arc<Pipeline>,
-    requests: &TaskTracker,
+    answered: &mpsc::UnboundedSender<Answered>,
     route_replies: &ReplyRoute,
 ) {
     let received = Instant::now();
@@ -168,56 +191,80 @@ async fn take(
         pipeline.record(Some(task), None, false);
         return;
     }
-    match pipeline.admit(
+    let ticket = match pipeline.admit(
         task,
         message.payload.len(),
         message.headers.as_ref(),
         received,
     ) {
-        Ok(ticket) => {
-            let span = request::span(message);
-            let (pipeline, route_replies) = (pipeline.clone(), route_replies.clone());
-            requests.spawn(
-                handle(
-                    task,
-                    encoding,
-                    request,
-                    pipeline,
-                    ticket,
-                    received,
-                    route_replies,
-                )
-                .instrument(span),
-            );
-        }
+        Ok(ticket) => ticket,
         Err(overloaded) => {
             let reply = request::error_reply(encoding, overloaded);
-            send(&request, Some(task), reply, pipeline, route_replies).await;
+            return send(&request, Some(task), reply, pipeline, route_replies).await;
+        }
+    };
+    let (payload, message_headers) = (message.payload.clone(), message.headers.clone());
+    let answered = answered.clone();
+    pipeline.start(
+        task,
+        encoding,
+        &payload,
+        message_headers.as_ref(),
+        received,
+        move |result, inputs| {
+            // The replier runs until every sender (this one included) is gone.
+            let _ = answered.send(Answered {
+                request,
+                task,
+                encoding,
+                result,
+                inputs,
+                ticket,
+            });
+        },
+    );
+}
+
+/// Encodes and sends the replies of computed requests, in the order they were answered:
+/// one task for all of them, woken once per batch rather than once per request. A reply of
+/// many inputs (up to megabytes) is encoded on a blocking thread by a task of its own, so
+/// that it holds up no other.
+async fn reply_loop(
+    mut replies: mpsc::UnboundedReceiver<Answered>,
+    pipeline: Arc<Pipeline>,
+    requests: TaskTracker,
+    route_replies: ReplyRoute,
+) {
+    let mut ready = Vec::with_capacity(REPLIES_PER_WAKE);
+    while replies.recv_many(&mut ready, REPLIES_PER_WAKE).await > 0 {
+        for answered in ready.drain(..) {
+            if answered.inputs > ENCODE_INLINE_INPUTS {
+                let (pipeline, route_replies) = (pipeline.clone(), route_replies.clone());
+                requests.spawn(async move { reply_to(answered, &pipeline, &route_replies).await });
+            } else {
+                reply_to(answered, &pipeline, &route_replies).await;
+            }
         }
     }
 }
 
-async fn handle(
-    task: Task,
-    encoding: Encoding,
-    request: Request,
-    pipeline: Arc<Pipeline>,
-    ticket: Ticket,
-    received: Instant,
-    route_replies: ReplyRoute,
-) {
-    let message = &request.message;
-    let (result, inputs) = pipeline
-        .compute(
-            task,
-            encoding,
-            &message.payload,
-            message.headers.as_ref(),
-            received,
-        )
-        .await;
+/// Replies taken from the replier's channel at once (it then sends them one after the other).
+const REPLIES_PER_WAKE: usize = 256;
+
+/// Requests of up to this many inputs have their replies encoded by the replier itself.
+const ENCODE_INLINE_INPUTS: usize = 16;
+
+async fn reply_to(answered: Answered, pipeline: &Pipeline, route_replies: &ReplyRoute) {
+    let Answered {
+        request,
+        task,
+        encoding,
+        result,
+        inputs,
+        ticket,
+    } = answered;
     let reply = pipeline.reply(encoding, result, inputs).await;
-    send(&request, Some(task), reply, &pipeline, &route_replies).await;
+    send(&request, Some(task), reply, pipeline, route_replies).await;
     drop(ticket);
 }
 

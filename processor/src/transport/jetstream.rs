@@ -235,7 +235,7 @@ impl Intake {
         true
     }
 
-    async fn handle(&self, message: Message, client: &async_nats::Client, pipeline: &Pipeline) {
+    async fn handle(&self, message: Message, client: &async_nats::Client, pipeline: &Arc<Pipeline>) {
         let inbox =
             request::header(message.headers.as_ref(), headers::REPLY_INBOX).map(str::to_string);
         let encoding = request::encoding_of(message.headers.as_ref(), &message.payload);
@@ -336,7 +336,7 @@ impl Intake {
         message: &Message,
         encoding: Encoding,
         received: Instant,
-        pipeline: &Pipeline,
+        pipeline: &Arc<Pipeline>,
     ) -> (Result<InferReply, ErrorBody>, usize, Option<Ticket>) {
         let payload = &message.payload;
         let message_headers = message.headers.as_ref();
