@@ -162,7 +162,9 @@ pub async fn drive(
     label: Option<&str>,
 ) -> Outcome {
     let requests: Vec<InferRequest> = (0..inputs.len())
-        .map(|i| InferRequest::new((0..per_request).map(|k| inputs[(i + k) % inputs.len()].clone())))
+        .map(|i| {
+            InferRequest::new((0..per_request).map(|k| inputs[(i + k) % inputs.len()].clone()))
+        })
         .collect();
     let payloads = match sender {
         Sender::Producer(_) => Vec::new(),
@@ -246,11 +248,7 @@ pub async fn drive(
     outcome
 }
 
-fn record(
-    outcome: &Mutex<Outcome>,
-    since: Instant,
-    result: Result<(), producer::Error>,
-) {
+fn record(outcome: &Mutex<Outcome>, since: Instant, result: Result<(), producer::Error>) {
     let latency = since.elapsed();
     let mut outcome = outcome.lock().expect("lock");
     match result {

@@ -111,7 +111,7 @@ pub struct Cli {
 pub enum ClientArg {
     /// The producer library, as a Rust application uses it (its headers, its decoding).
     Producer,
-    /// Plain NATS requests encoded once, no headers, replies not decoded: the same client
+    /// Plain NATS requests encoded once, no headers, success replies not decoded: the same client
     /// as the plain NATS echo baseline, so only the responder differs.
     Raw,
 }

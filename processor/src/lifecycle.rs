@@ -225,7 +225,7 @@ impl Processor {
                 ),
             }
         }
-        // The workers end once the last request task let go of the scheduler.
+        // The workers end once the last holder of the scheduler (the pipeline, its tasks) let go of it.
         let workers = self.workers;
         let joined = tokio::task::spawn_blocking(move || workers.join());
         if tokio::time::timeout_at(deadline, joined).await.is_err() {

@@ -1,13 +1,15 @@
 //! The one request path both transports share: admission (before any decoding) → parse →
 //! scheduler → reply (size-checked) → counted. A transport only moves messages: it asks
-//! [`Pipeline::admit`] when a message arrives, [`Pipeline::compute`] for the result, and
-//! [`Pipeline::reply`] for the message to publish, then reports with [`Pipeline::record`].
+//! [`Pipeline::admit`] when a message arrives, [`Pipeline::start`] (a callback gets the
+//! result; the core transport) or [`Pipeline::compute`] (awaited; JetStream) for the result,
+//! and [`Pipeline::reply`] for the message to publish, then reports with
+//! [`Pipeline::record`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::HeaderMap;
-use schemas::{Encoding, ErrorBody, ErrorCode, InferReply, Task};
+use schemas::{Encoding, ErrorBody, ErrorCode, InferReply, Output, Task};
 use tokio::time::Instant;
 
 use crate::batcher::{Batcher, Busy, Completed, Done};
@@ -18,8 +20,32 @@ use crate::telemetry::{Shed, Telemetry};
 /// larger ones on a blocking thread.
 const DECODE_INLINE_BYTES: usize = 16 * 1024;
 
-/// Replies to requests of up to this many inputs are encoded on the async runtime's thread.
-const ENCODE_INLINE_INPUTS: usize = 16;
+/// Replies whose outputs hold about this many values or fewer are encoded on the async
+/// runtime's thread (tens of microseconds at most); larger ones on a blocking thread.
+const ENCODE_INLINE_VALUES: usize = 16 * 1024;
+
+/// About how many values (floats, candidates, labels, bytes of text / 16) a reply holds: what
+/// its encoding costs, without encoding it.
+fn reply_values(result: &Result<InferReply, ErrorBody>) -> usize {
+    let Ok(reply) = result else { return 1 };
+    reply
+        .outputs
+        .iter()
+        .map(|output| match output {
+            Output::Embedding { embedding } => embedding.len(),
+            Output::FillMask(fill) => {
+                fill.sequence.len() / 16 + fill.masks.iter().map(Vec::len).sum::<usize>() * 4
+            }
+            Output::Score { .. } => 2,
+            Output::Labels { labels } => labels.len() * 4,
+            Output::Text { text } => text.len() / 16 + 1,
+        })
+        .sum()
+}
+
+fn encodes_quickly(result: &Result<InferReply, ErrorBody>) -> bool {
+    reply_values(result) <= ENCODE_INLINE_VALUES
+}
 
 /// Why [`Pipeline::place`] found no place for a request.
 #[derive(Debug)]
@@ -325,6 +351,11 @@ impl Pipeline {
             .submit(task, parsed.inputs, parsed.options, meta, done);
     }
 
+    /// Whether [`Pipeline::reply`] encodes `result` at once, without a blocking thread.
+    pub fn replies_quickly(&self, result: &Result<InferReply, ErrorBody>) -> bool {
+        encodes_quickly(result)
+    }
+
     /// The message that answers a request of `inputs` inputs with `result`, within the
     /// server's message size. Large replies (up to megabytes of JSON) are encoded on a
     /// blocking thread.
@@ -335,7 +366,7 @@ impl Pipeline {
         inputs: usize,
     ) -> Reply {
         let max_payload = self.nats.max_payload();
-        if inputs <= ENCODE_INLINE_INPUTS {
+        if encodes_quickly(&result) {
             return request::reply(encoding, result, inputs, max_payload);
         }
         tokio::task::spawn_blocking(move || request::reply(encoding, result, inputs, max_payload))

@@ -42,6 +42,7 @@ pub use policy::BatchPolicy;
 pub use job::Done;
 use job::{expired_error, input_error, Job};
 use queue::{Queue, Shared};
+pub(crate) use worker::panic_message;
 use worker::{load_and_warm_up, work, Loaded};
 
 mod job;
@@ -231,7 +232,7 @@ impl Batcher {
         let actor = queue::run(shared.clone(), alive_rx);
         match tokio::runtime::Handle::current().runtime_flavor() {
             // The actor keeps time on a thread of its own: under a flood the runtime's threads
-            // are busy with thousands of request tasks, and a timer that waits its turn among
+            // are busy with thousands of requests (decoding, tokenising, replying), and a timer that waits its turn among
             // them fires late.
             tokio::runtime::RuntimeFlavor::MultiThread => {
                 let runtime = tokio::runtime::Builder::new_current_thread()
@@ -319,7 +320,10 @@ impl Batcher {
         done: Done,
     ) {
         if let Some(reason) = &self.unsupported[task_index(task)] {
-            return done.send(Err(Refused::new(ErrorCode::UnsupportedTask, reason.clone())));
+            return done.send(Err(Refused::new(
+                ErrorCode::UnsupportedTask,
+                reason.clone(),
+            )));
         }
         if inputs.is_empty() {
             return done.send(Ok(Completed {

@@ -75,7 +75,7 @@ pub(super) fn load_and_warm_up<M: BatchModel>(
 }
 
 /// The text of a panic payload (`panic!` with a message or a format string).
-pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()

@@ -103,7 +103,7 @@ impl Prepared {
     }
 }
 
-/// Prepares inputs for a model (tokenises, checks options). Shared by the request tasks, so
+/// Prepares inputs for a model (tokenises, checks options). Shared by the request path, so
 /// this CPU work runs beside the model workers instead of on them.
 pub trait Prepare: Send + Sync + 'static {
     /// Prepares one input for `task`, or says why it cannot be computed.
@@ -287,7 +287,7 @@ pub trait BatchModel: Send + 'static {
     }
 
     /// Prepares and computes texts in one call, as one batch of the valid ones (for tests,
-    /// benchmarks and tools; the service prepares on the request tasks instead).
+    /// benchmarks and tools; the service prepares on the request path instead).
     fn run_texts(
         &mut self,
         task: Task,
@@ -424,7 +424,14 @@ mod tests {
                 .unwrap()
                 .tokens
         };
-        for text in ["", " ", "one", "  one  two\tthree\nfour\r\n", "día ñandú", "a b  c   "] {
+        for text in [
+            "",
+            " ",
+            "one",
+            "  one  two\tthree\nfour\r\n",
+            "día ñandú",
+            "a b  c   ",
+        ] {
             let words = text.split_ascii_whitespace().count();
             assert_eq!(count(Input::Text(text.to_string())), words + 2, "{text:?}");
         }

@@ -13,15 +13,17 @@
 //! instant can be missed; far fewer than unsubscribing alone drops); replies from then on go
 //! over the processor's main connection.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_nats::service::{endpoint::Endpoint, Request, Service};
-use futures::StreamExt;
-use schemas::{Encoding, ErrorBody, InferReply, Task};
+use futures::{FutureExt, StreamExt};
+use schemas::{Encoding, ErrorBody, ErrorCode, InferReply, Task};
 use tokio::sync::{mpsc, RwLock};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::ServiceConfig;
 use crate::pipeline::{Pipeline, Ticket};
@@ -148,6 +150,8 @@ struct Answered {
     inputs: usize,
     /// Its place in the in-flight bounds, given back once the reply is sent.
     ticket: Ticket,
+    /// Carries its subject and `Request-Id` into the logs of its reply.
+    span: tracing::Span,
 }
 
 async fn serve_endpoint(
@@ -158,7 +162,15 @@ async fn serve_endpoint(
     route_replies: ReplyRoute,
 ) {
     while let Some(request) = endpoint.next().await {
-        take(route, request, &pipeline, &answered, &route_replies).await;
+        // A panic while taking one request (it is answered `internal`, see `Pending`) must not
+        // end the loop: the endpoint would unsubscribe and this task go unserved.
+        let took = AssertUnwindSafe(take(route, request, &pipeline, &answered, &route_replies))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = took {
+            let message = crate::batcher::panic_message(panic.as_ref());
+            tracing::error!(panic = message, "taking a request panicked");
+        }
     }
 }
 
@@ -203,32 +215,78 @@ async fn take(
             return send(&request, Some(task), reply, pipeline, route_replies).await;
         }
     };
-    let (payload, message_headers) = (message.payload.clone(), message.headers.clone());
-    let answered = answered.clone();
+    // Its `Request-Id` in the logs of its reply (a disabled span when debug logs are off).
+    let span = request::span(message);
+    // The headers are only read while the request is decoded: taken, not copied.
+    let payload = message.payload.clone();
+    let mut request = request;
+    let message_headers = request.message.headers.take();
+    let pending = Pending {
+        held: Some((request, task, encoding, ticket, span)),
+        answered: answered.clone(),
+        pipeline: pipeline.clone(),
+    };
     pipeline.start(
         task,
         encoding,
         &payload,
         message_headers.as_ref(),
         received,
-        move |result, inputs| {
-            // The replier runs until every sender (this one included) is gone.
-            let _ = answered.send(Answered {
-                request,
-                task,
-                encoding,
-                result,
-                inputs,
-                ticket,
-            });
-        },
+        move |result, inputs| pending.answer(result, inputs),
     );
 }
 
+/// An admitted request until its result is handed to the replier. Dropped without an answer
+/// (a panic on its way), it answers `internal` itself: a request taken is never left
+/// without a reply.
+struct Pending {
+    held: Option<(Request, Task, Encoding, Ticket, tracing::Span)>,
+    answered: mpsc::UnboundedSender<Answered>,
+    pipeline: Arc<Pipeline>,
+}
+
+impl Pending {
+    fn answer(mut self, result: Result<InferReply, ErrorBody>, inputs: usize) {
+        self.hand_over(result, inputs);
+    }
+
+    fn hand_over(&mut self, result: Result<InferReply, ErrorBody>, inputs: usize) {
+        let Some((request, task, encoding, ticket, span)) = self.held.take() else {
+            return;
+        };
+        let answered = Answered {
+            request,
+            task,
+            encoding,
+            result,
+            inputs,
+            ticket,
+            span,
+        };
+        if self.answered.send(answered).is_err() {
+            // The replier is gone (it ends only once every sender is, so: the runtime is
+            // going down): the reply cannot be sent.
+            self.pipeline.record(Some(task), None, false);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.held.is_some() {
+            let error = ErrorBody::new(
+                ErrorCode::Internal,
+                "the processor failed while handling this request (its log says why); it was not computed",
+            );
+            self.hand_over(Err(error), 0);
+        }
+    }
+}
+
 /// Encodes and sends the replies of computed requests, in the order they were answered:
-/// one task for all of them, woken once per batch rather than once per request. A reply of
-/// many inputs (up to megabytes) is encoded on a blocking thread by a task of its own, so
-/// that it holds up no other.
+/// one task for all of them, woken once per batch rather than once per request. A large
+/// reply (over about 16k values: up to megabytes) is encoded on a blocking thread by a task
+/// of its own, so that it holds up no other for more than tens of microseconds.
 async fn reply_loop(
     mut replies: mpsc::UnboundedReceiver<Answered>,
     pipeline: Arc<Pipeline>,
@@ -238,11 +296,22 @@ async fn reply_loop(
     let mut ready = Vec::with_capacity(REPLIES_PER_WAKE);
     while replies.recv_many(&mut ready, REPLIES_PER_WAKE).await > 0 {
         for answered in ready.drain(..) {
-            if answered.inputs > ENCODE_INLINE_INPUTS {
+            if !pipeline.replies_quickly(&answered.result) {
                 let (pipeline, route_replies) = (pipeline.clone(), route_replies.clone());
                 requests.spawn(async move { reply_to(answered, &pipeline, &route_replies).await });
-            } else {
-                reply_to(answered, &pipeline, &route_replies).await;
+                continue;
+            }
+            // A panic while answering one request must not end the replier: every later reply
+            // goes through it.
+            let replied = AssertUnwindSafe(reply_to(answered, &pipeline, &route_replies))
+                .catch_unwind()
+                .await;
+            if let Err(panic) = replied {
+                let message = crate::batcher::panic_message(panic.as_ref());
+                tracing::error!(
+                    panic = message,
+                    "answering a request panicked; its reply is lost"
+                );
             }
         }
     }
@@ -250,9 +319,6 @@ async fn reply_loop(
 
 /// Replies taken from the replier's channel at once (it then sends them one after the other).
 const REPLIES_PER_WAKE: usize = 256;
-
-/// Requests of up to this many inputs have their replies encoded by the replier itself.
-const ENCODE_INLINE_INPUTS: usize = 16;
 
 async fn reply_to(answered: Answered, pipeline: &Pipeline, route_replies: &ReplyRoute) {
     let Answered {
@@ -262,9 +328,14 @@ async fn reply_to(answered: Answered, pipeline: &Pipeline, route_replies: &Reply
         result,
         inputs,
         ticket,
+        span,
     } = answered;
-    let reply = pipeline.reply(encoding, result, inputs).await;
-    send(&request, Some(task), reply, pipeline, route_replies).await;
+    async {
+        let reply = pipeline.reply(encoding, result, inputs).await;
+        send(&request, Some(task), reply, pipeline, route_replies).await;
+    }
+    .instrument(span)
+    .await;
     drop(ticket);
 }
 

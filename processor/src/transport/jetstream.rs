@@ -235,7 +235,12 @@ impl Intake {
         true
     }
 
-    async fn handle(&self, message: Message, client: &async_nats::Client, pipeline: &Arc<Pipeline>) {
+    async fn handle(
+        &self,
+        message: Message,
+        client: &async_nats::Client,
+        pipeline: &Arc<Pipeline>,
+    ) {
         let inbox =
             request::header(message.headers.as_ref(), headers::REPLY_INBOX).map(str::to_string);
         let encoding = request::encoding_of(message.headers.as_ref(), &message.payload);

@@ -22,7 +22,7 @@ pub(crate) enum Intake {
 
 impl Intake {
     /// Takes requests until `stop`, then stops taking them and returns once the messages
-    /// already delivered are handed to request tasks (tracked by `requests`).
+    /// already delivered are handed over (the tasks that answer them tracked by `requests`).
     pub(crate) async fn serve(
         self,
         client: async_nats::Client,

@@ -687,7 +687,7 @@ fn sigmoid(x: f32) -> f32 {
     (1.0 / (1.0 + (-(x as f64)).exp())) as f32
 }
 
-/// Tokenises and checks inputs for a BERT checkpoint, on the request tasks.
+/// Tokenises and checks inputs for a BERT checkpoint, on the request path (blocking threads, beside the model workers).
 pub struct BertPreparer {
     tokenizer: BertTokenizer,
     vocab_size: u32,
