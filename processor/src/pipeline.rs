@@ -400,6 +400,45 @@ impl Pipeline {
 mod tests {
     use super::*;
 
+    fn reply_of(outputs: Vec<Output>) -> Result<InferReply, ErrorBody> {
+        Ok(InferReply {
+            outputs,
+            model: "m".into(),
+            batch_size: 1,
+        })
+    }
+
+    #[test]
+    fn replies_are_encoded_at_once_unless_they_hold_many_values() {
+        let embeddings = |n: usize, dims: usize| {
+            reply_of(
+                (0..n)
+                    .map(|_| Output::Embedding {
+                        embedding: vec![0.5; dims],
+                    })
+                    .collect(),
+            )
+        };
+        // A request of 16 sentences of a 384-wide model: inline; 64 of a 768-wide one: not.
+        assert!(encodes_quickly(&embeddings(16, 384)));
+        assert!(!encodes_quickly(&embeddings(64, 768)));
+        // One input with many masks and the largest top_k is large whatever its input count.
+        let candidates = (0..100)
+            .map(|i| schemas::MaskPrediction {
+                token: format!("t{i}").into(),
+                token_id: i,
+                score: 0.1,
+            })
+            .collect::<Vec<_>>();
+        let fill = Output::FillMask(schemas::FillMaskOutput {
+            masks: vec![candidates; 64],
+            sequence: "x".repeat(1000),
+        });
+        assert!(!encodes_quickly(&reply_of(vec![fill])));
+        let error = Err(ErrorBody::new(ErrorCode::InvalidInput, "no"));
+        assert!(encodes_quickly(&error));
+    }
+
     #[test]
     fn admission_bounds_requests_and_bytes_and_gives_places_back() {
         let admission = Admission::new(2, 100);

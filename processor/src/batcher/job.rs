@@ -36,7 +36,10 @@ pub(super) fn input_error(index: usize, inputs: usize, error: InputError) -> Ref
 /// request (a model worker, the queue's actor, or the submitting one). Dropped without being
 /// called (the scheduler stopped with the request still held), it is called with an
 /// `internal` error, so that no request goes unanswered.
-pub struct Done(Option<Box<dyn FnOnce(Result<Completed, Refused>) + Send>>);
+pub struct Done(Option<Answer>);
+
+/// The callback inside a [`Done`].
+type Answer = Box<dyn FnOnce(Result<Completed, Refused>) + Send>;
 
 impl Done {
     /// Calls `answer` with the outcome. It should be quick (it may run on a model worker's
@@ -210,4 +213,28 @@ pub(super) struct Batch {
     /// Inputs were already queued when the worker asked for it: the hand-over is part of
     /// what each batch costs while the queue drains (see `BatcherStats::record_pace`).
     pub(super) backlogged: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_done_answers_once_and_one_dropped_unanswered_answers_internal() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let answered = tx.clone();
+        drop(Done::new(move |outcome| tx.send(outcome).unwrap()));
+        let dropped = rx.recv().unwrap().unwrap_err();
+        assert_eq!(dropped.kind, ErrorCode::Internal);
+        Done::new(move |outcome| answered.send(outcome).unwrap()).send(Ok(Completed {
+            outputs: Vec::new(),
+            batch_size: 3,
+        }));
+        assert_eq!(rx.recv().unwrap().unwrap().batch_size, 3);
+        // Sent, then dropped: no second answer (every sender is gone now).
+        assert!(matches!(
+            rx.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Disconnected)
+        ));
+    }
 }
