@@ -43,7 +43,8 @@ fn reply_values(result: &Result<InferReply, ErrorBody>) -> usize {
         .sum()
 }
 
-fn encodes_quickly(result: &Result<InferReply, ErrorBody>) -> bool {
+/// Whether [`Pipeline::reply`] encodes `result` at once, without a blocking thread.
+pub(crate) fn encodes_quickly(result: &Result<InferReply, ErrorBody>) -> bool {
     reply_values(result) <= ENCODE_INLINE_VALUES
 }
 
@@ -349,11 +350,6 @@ impl Pipeline {
         });
         self.batcher
             .submit(task, parsed.inputs, parsed.options, meta, done);
-    }
-
-    /// Whether [`Pipeline::reply`] encodes `result` at once, without a blocking thread.
-    pub fn replies_quickly(&self, result: &Result<InferReply, ErrorBody>) -> bool {
-        encodes_quickly(result)
     }
 
     /// The message that answers a request of `inputs` inputs with `result`, within the

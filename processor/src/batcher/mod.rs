@@ -232,8 +232,8 @@ impl Batcher {
         let actor = queue::run(shared.clone(), alive_rx);
         match tokio::runtime::Handle::current().runtime_flavor() {
             // The actor keeps time on a thread of its own: under a flood the runtime's threads
-            // are busy with thousands of requests (decoding, tokenising, replying), and a timer that waits its turn among
-            // them fires late.
+            // are busy with thousands of requests (decoding, queueing, replying), and a timer
+            // that waits its turn among them fires late.
             tokio::runtime::RuntimeFlavor::MultiThread => {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
@@ -345,8 +345,12 @@ impl Batcher {
             self.stats.expired.fetch_add(1, Ordering::Relaxed);
             return done.send(Err(expired_error(Duration::ZERO)));
         }
-        let cache = self.cache.as_ref().filter(|cache| cache.caches(task));
-        let cached: Vec<Option<Output>> = match cache {
+        let cache = self
+            .cache
+            .as_ref()
+            .filter(|cache| cache.caches(task))
+            .cloned();
+        let cached: Vec<Option<Output>> = match &cache {
             Some(cache) => inputs
                 .iter()
                 .map(|input| cache.get(task, &options, input))
@@ -361,7 +365,11 @@ impl Batcher {
         }
         if self.preparer.is_cheap() {
             match prepare_all(&*self.preparer, task, &inputs, &options, &cached) {
-                Ok(prepared) => self.enqueue(task, inputs, options, prepared, cached, meta, done),
+                Ok(prepared) => {
+                    let job =
+                        Job::new(task, inputs, prepared, options, meta.deadline, cached, done);
+                    self.enqueue(job, meta, cache)
+                }
                 Err(refused) => done.send(Err(refused)),
             }
             return;
@@ -370,33 +378,20 @@ impl Batcher {
         tokio::spawn(async move {
             match batcher.prepare(task, inputs, options, cached).await {
                 Ok((inputs, options, prepared, cached)) => {
-                    batcher.enqueue(task, inputs, options, prepared, cached, meta, done)
+                    let job =
+                        Job::new(task, inputs, prepared, options, meta.deadline, cached, done);
+                    batcher.enqueue(job, meta, cache)
                 }
                 Err(refused) => done.send(Err(refused)),
             }
         });
     }
 
-    /// Queues a prepared request.
-    #[allow(clippy::too_many_arguments)]
-    fn enqueue(
-        &self,
-        task: Task,
-        inputs: Vec<Input>,
-        options: InferOptions,
-        prepared: Vec<Prepared>,
-        cached: Vec<Option<Output>>,
-        meta: RequestMeta,
-        done: Done,
-    ) {
-        let mut job = Job::new(task, inputs, prepared, options, meta.deadline, cached, done);
+    /// Queues a prepared request, its outputs to be kept in `cache` if given.
+    fn enqueue(&self, mut job: Job, meta: RequestMeta, cache: Option<Arc<OutputCache>>) {
         job.request_id = meta.request_id;
         job.priority = meta.priority;
-        job.cache = self
-            .cache
-            .as_ref()
-            .filter(|cache| cache.caches(task))
-            .cloned();
+        job.cache = cache;
         self.queue.submit(Arc::new(job));
     }
 

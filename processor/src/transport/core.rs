@@ -141,17 +141,22 @@ impl Intake {
     }
 }
 
-/// A request whose result is known, on its way to the replier.
-struct Answered {
+/// An admitted request, from admission until its reply is sent.
+struct Taken {
     request: Request,
     task: Task,
     encoding: Encoding,
-    result: Result<InferReply, ErrorBody>,
-    inputs: usize,
     /// Its place in the in-flight bounds, given back once the reply is sent.
     ticket: Ticket,
     /// Carries its subject and `Request-Id` into the logs of its reply.
     span: tracing::Span,
+}
+
+/// A request whose result is known, on its way to the replier.
+struct Answered {
+    taken: Taken,
+    result: Result<InferReply, ErrorBody>,
+    inputs: usize,
 }
 
 async fn serve_endpoint(
@@ -222,7 +227,13 @@ async fn take(
     let mut request = request;
     let message_headers = request.message.headers.take();
     let pending = Pending {
-        held: Some((request, task, encoding, ticket, span)),
+        held: Some(Taken {
+            request,
+            task,
+            encoding,
+            ticket,
+            span,
+        }),
         answered: answered.clone(),
         pipeline: pipeline.clone(),
     };
@@ -240,7 +251,7 @@ async fn take(
 /// (a panic on its way), it answers `internal` itself: a request taken is never left
 /// without a reply.
 struct Pending {
-    held: Option<(Request, Task, Encoding, Ticket, tracing::Span)>,
+    held: Option<Taken>,
     answered: mpsc::UnboundedSender<Answered>,
     pipeline: Arc<Pipeline>,
 }
@@ -251,17 +262,14 @@ impl Pending {
     }
 
     fn hand_over(&mut self, result: Result<InferReply, ErrorBody>, inputs: usize) {
-        let Some((request, task, encoding, ticket, span)) = self.held.take() else {
+        let Some(taken) = self.held.take() else {
             return;
         };
+        let task = taken.task;
         let answered = Answered {
-            request,
-            task,
-            encoding,
+            taken,
             result,
             inputs,
-            ticket,
-            span,
         };
         if self.answered.send(answered).is_err() {
             // The replier is gone (it ends only once every sender is, so: the runtime is
@@ -296,7 +304,7 @@ async fn reply_loop(
     let mut ready = Vec::with_capacity(REPLIES_PER_WAKE);
     while replies.recv_many(&mut ready, REPLIES_PER_WAKE).await > 0 {
         for answered in ready.drain(..) {
-            if !pipeline.replies_quickly(&answered.result) {
+            if !crate::pipeline::encodes_quickly(&answered.result) {
                 let (pipeline, route_replies) = (pipeline.clone(), route_replies.clone());
                 requests.spawn(async move { reply_to(answered, &pipeline, &route_replies).await });
                 continue;
@@ -322,13 +330,16 @@ const REPLIES_PER_WAKE: usize = 256;
 
 async fn reply_to(answered: Answered, pipeline: &Pipeline, route_replies: &ReplyRoute) {
     let Answered {
-        request,
-        task,
-        encoding,
+        taken:
+            Taken {
+                request,
+                task,
+                encoding,
+                ticket,
+                span,
+            },
         result,
         inputs,
-        ticket,
-        span,
     } = answered;
     async {
         let reply = pipeline.reply(encoding, result, inputs).await;
