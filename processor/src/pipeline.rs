@@ -320,6 +320,13 @@ impl Pipeline {
         });
     }
 
+    /// Holds back the scheduler's hand-over to idle model workers while the guard lives: a
+    /// transport takes the requests it already has under one hold, so a burst becomes one
+    /// batch and one wake-up of a worker.
+    pub fn hold_dispatch(&self) -> crate::batcher::DispatchHold {
+        self.batcher.hold_dispatch()
+    }
+
     /// Hands a decoded request to the scheduler (or answers its decoding error).
     fn submit(
         &self,

@@ -41,6 +41,7 @@ pub use policy::BatchPolicy;
 
 pub use job::Done;
 use job::{expired_error, input_error, Job};
+pub use queue::DispatchHold;
 use queue::{Queue, Shared};
 pub(crate) use worker::panic_message;
 use worker::{load_and_warm_up, work, Loaded};
@@ -173,6 +174,7 @@ impl Batcher {
             stopped: false,
             swept: Instant::now(),
             bulk_led_last: false,
+            holds: 0,
         });
         let mut threads = Vec::with_capacity(workers);
         let mut loaded = Vec::with_capacity(workers);
@@ -385,6 +387,12 @@ impl Batcher {
                 Err(refused) => done.send(Err(refused)),
             }
         });
+    }
+
+    /// Holds back handing queued inputs to idle workers until the guard is dropped: for a
+    /// transport about to queue a burst of requests (see [`DispatchHold`]).
+    pub fn hold_dispatch(&self) -> DispatchHold {
+        self.queue.hold_dispatch()
     }
 
     /// Queues a prepared request, its outputs to be kept in `cache` if given.

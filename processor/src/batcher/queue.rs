@@ -59,7 +59,9 @@ impl Shared {
         let now = Instant::now();
         queue.sweep_if_due(now);
         queue.enqueue(job);
-        queue.dispatch(now, false);
+        if queue.holds == 0 {
+            queue.dispatch(now, false);
+        }
         queue.publish();
         // The actor also answers for workers that are all gone (it fails what is queued).
         let wake =
@@ -68,6 +70,13 @@ impl Shared {
         if wake {
             self.wake_actor.notify_one();
         }
+    }
+
+    /// Holds back handing batches to idle workers until the returned guard is dropped (see
+    /// [`DispatchHold`]).
+    pub(super) fn hold_dispatch(self: &Arc<Self>) -> DispatchHold {
+        self.lock().holds += 1;
+        DispatchHold(self.clone())
     }
 
     /// Stops the queue now (a start that failed): workers that wait or ask end.
@@ -190,6 +199,25 @@ pub(super) struct Queue {
     /// The last batch handed out (of any task) started from a bulk lane: the next aged bulk
     /// lane waits for an interactive-led batch first (see `Lanes::lead`).
     pub(super) bulk_led_last: bool,
+    /// Live [`DispatchHold`]s: while any is, a request queued does not hand out batches.
+    pub(super) holds: usize,
+}
+
+/// Queued inputs wait for this guard's end before idle workers are handed them: a
+/// transport that has a burst of requests in hand queues them all under one hold, and a
+/// sleeping worker is woken once for the burst (and takes it in one batch) instead of once
+/// for its first request, then again for the requests that arrived while it woke. Dropping
+/// the guard hands out what is ready, whatever other holds are live, so overlapping bursts
+/// of several transports' loops delay no batch beyond their own end.
+pub struct DispatchHold(Arc<Shared>);
+
+impl Drop for DispatchHold {
+    fn drop(&mut self) {
+        let mut queue = self.0.lock();
+        queue.holds -= 1;
+        queue.dispatch(Instant::now(), false);
+        queue.publish();
+    }
 }
 
 /// The actor: sweeps the queue, hands out batches whose `max_latency` came, and ends the

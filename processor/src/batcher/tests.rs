@@ -227,6 +227,33 @@ async fn an_idle_worker_starts_at_once_with_what_is_queued() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn under_a_dispatch_hold_a_burst_reaches_the_idle_worker_as_one_batch() {
+    let mut harness = Harness::start(policy(8), 1, false).await;
+    let hold = harness.batcher.hold_dispatch();
+    let requests: Vec<_> = ["a", "b", "c"]
+        .into_iter()
+        .map(|t| harness.spawn(&[t], None))
+        .collect();
+    // All three queue, and the idle worker is handed none of them while the hold lives.
+    for _ in 0..10_000 {
+        if stat(&harness.batcher, |s| &s.queued) == 3 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(stat(&harness.batcher, |s| &s.queued), 3);
+    assert!(harness.batches.try_recv().is_err());
+    drop(hold);
+    assert_eq!(harness.next_batch().await, ["a", "b", "c"]);
+    for request in requests {
+        assert_eq!(request.await.unwrap().unwrap().batch_size, 3);
+    }
+    // Without a hold, a request reaches the idle worker at once, alone.
+    let completed = harness.infer(&["d"]).await.unwrap();
+    assert_eq!(completed.batch_size, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn while_the_worker_is_busy_inputs_accumulate_up_to_max_size() {
     let mut harness = Harness::start(policy(4), 1, true).await;
     let first = harness.spawn(&["a"], None);

@@ -166,18 +166,33 @@ async fn serve_endpoint(
     answered: mpsc::UnboundedSender<Answered>,
     route_replies: ReplyRoute,
 ) {
-    while let Some(request) = endpoint.next().await {
-        // A panic while taking one request (it is answered `internal`, see `Pending`) must not
-        // end the loop: the endpoint would unsubscribe and this task go unserved.
-        let took = AssertUnwindSafe(take(route, request, &pipeline, &answered, &route_replies))
-            .catch_unwind()
-            .await;
-        if let Err(panic) = took {
-            let message = crate::batcher::panic_message(panic.as_ref());
-            tracing::error!(panic = message, "taking a request panicked");
+    while let Some(first) = endpoint.next().await {
+        // Every message already received is queued before a sleeping worker is woken.
+        let hold = pipeline.hold_dispatch();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(request) = next.take() {
+            // A panic while taking one request (it is answered `internal`, see `Pending`)
+            // must not end the loop: the endpoint would unsubscribe and this task go unserved.
+            let took = AssertUnwindSafe(take(route, request, &pipeline, &answered, &route_replies))
+                .catch_unwind()
+                .await;
+            if let Err(panic) = took {
+                let message = crate::batcher::panic_message(panic.as_ref());
+                tracing::error!(panic = message, "taking a request panicked");
+            }
+            taken += 1;
+            if taken < MAX_BURST {
+                next = endpoint.next().now_or_never().flatten();
+            }
         }
+        drop(hold);
     }
 }
+
+/// Messages taken under one dispatch hold at most: a worker waits for no more than the
+/// decoding of this many requests (tens of microseconds) before it is handed the burst.
+const MAX_BURST: usize = 64;
 
 /// Admits one message and hands it to the pipeline, or answers it at once. Nothing here
 /// waits for the model: the result reaches the replier through `answered`.
