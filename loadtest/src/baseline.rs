@@ -211,7 +211,7 @@ async fn nats_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Ve
 
 /// The producer library (as the processor rows use it) against a responder that answers
 /// every request on `{prefix}.embed` with one pre-encoded reply of the processor's form (CBOR
-/// body, `Content-Type` header, the request's inputs echoed), at each closed-loop concurrency of
+/// body, no headers, the request's inputs echoed), at each closed-loop concurrency of
 /// the run, 2 s each. Open loops have none.
 async fn client_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Vec<EchoBaseline>> {
     if cli.rate.is_some() || cli.overload.is_some() || cli.client == crate::ClientArg::Raw {
@@ -236,11 +236,8 @@ async fn client_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<
     let echo = tokio::spawn(async move {
         while let Some(message) = requests.next().await {
             if let Some(inbox) = message.reply {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(schemas::headers::CONTENT_TYPE, Encoding::Cbor.media_type());
-                let _ = responder
-                    .publish_with_headers(inbox, headers, body.clone())
-                    .await;
+                // A CBOR success reply has no headers, as the processor's.
+                let _ = responder.publish(inbox, body.clone()).await;
             }
         }
     });
