@@ -66,16 +66,25 @@ pub fn decode<T: DeserializeOwned>(encoding: Encoding, payload: &[u8]) -> Result
     }
 }
 
+/// Bytes reserved before encoding (CBOR and JSON).
+const ENCODE_CAPACITY: usize = 1024;
+
 /// Encodes a value in the given encoding.
 pub fn encode<T: Serialize>(encoding: Encoding, value: &T) -> Result<Vec<u8>, CodecError> {
     match encoding {
         Encoding::Cbor => {
-            let mut out = Vec::new();
+            // Room for a small reply up front: growing from empty costs a reallocation at
+            // every doubling (seven for a 500-byte reply).
+            let mut out = Vec::with_capacity(ENCODE_CAPACITY);
             ciborium::ser::into_writer(value, &mut out)
                 .map_err(|e| CodecError::Cbor(e.to_string()))?;
             Ok(out)
         }
-        Encoding::Json => Ok(serde_json::to_vec(value)?),
+        Encoding::Json => {
+            let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+            serde_json::to_writer(&mut out, value)?;
+            Ok(out)
+        }
     }
 }
 
