@@ -136,7 +136,12 @@ fn main() -> ExitCode {
         Some(Command::Dump(args)) => return report(processor::bare::dump(&config.model, args)),
         None => {}
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.service.io_threads)
+        .thread_name("processor-io")
+        .enable_all()
+        .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("processor: starting the async runtime: {err}");
