@@ -28,6 +28,10 @@ pub struct Baselines {
     pub nats_echo_p50_ms: f64,
     /// The same at each closed-loop concurrency of the run (the largest is the one above).
     pub nats_echo: Vec<EchoBaseline>,
+    /// The same responder run as a process of its own, as a processor is (`--client raw`
+    /// only): the plain echo's responder shares the load generator's runtime, which a
+    /// processor cannot; the gap between the two is what any separate responder pays here.
+    pub process_echo: Vec<EchoBaseline>,
     /// The processor rows' own client (the producer library, the same request and reply
     /// messages) against a responder that answers each request at once with a pre-encoded
     /// reply: what is left between it and a processor row is the processor's own cost.
@@ -56,6 +60,14 @@ impl Baselines {
             )
     }
 
+    /// The echo process (see [`Baselines::process_echo`]) at `concurrency` in flight, if it
+    /// was measured there.
+    pub fn process_echo_at(&self, concurrency: usize) -> Option<&EchoBaseline> {
+        self.process_echo
+            .iter()
+            .find(|echo| echo.concurrency == concurrency)
+    }
+
     /// The client echo (see [`Baselines::client_echo`]) at `concurrency` in flight, if it was
     /// measured there.
     pub fn client_echo_at(&self, concurrency: usize) -> Option<&EchoBaseline> {
@@ -82,6 +94,7 @@ pub async fn measure(
     // One nats-server for both echo baselines.
     let (_server, url) = cli.nats_server(pids);
     let nats_echo = nats_echo(cli, &url, inputs).await?;
+    let process_echo = process_echo(cli, &url, inputs, pids).await?;
     let client_echo = client_echo(cli, &url, inputs).await?;
     let largest = nats_echo
         .iter()
@@ -94,6 +107,7 @@ pub async fn measure(
         nats_echo_requests_per_s: largest.requests_per_s,
         nats_echo_p50_ms: largest.p50_ms,
         nats_echo,
+        process_echo,
         client_echo,
     })
 }
@@ -168,19 +182,70 @@ fn bare_model(cli: &Cli, processor_bin: &Path, batch: &[String]) -> anyhow::Resu
     Ok(inputs as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The plain echo's responder: sends every request's payload back to its reply subject.
+async fn echo_back(responder: async_nats::Client, mut requests: async_nats::Subscriber) {
+    while let Some(message) = requests.next().await {
+        if let Some(reply) = message.reply {
+            let _ = responder.publish(reply, message.payload).await;
+        }
+    }
+}
+
+/// The plain echo's responder as a process of its own (`loadtest --echo-responder`): logs
+/// `ready` once subscribed, then echoes until killed.
+pub async fn echo_responder(url: &str, subject: &str) -> anyhow::Result<()> {
+    let responder = crate::connect(url).await?;
+    let requests = responder.subscribe(subject.to_string()).await?;
+    responder.flush().await?;
+    eprintln!("echo responder ready on {subject}");
+    echo_back(responder, requests).await;
+    Ok(())
+}
+
 /// Plain request/reply through a nats-server with a responder that echoes the payload, at
 /// each closed-loop concurrency of the run (the largest one only for open loops), 2 s each.
 async fn nats_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Vec<EchoBaseline>> {
     let subject = format!("loadtest{}.echo", std::process::id());
     let responder = crate::connect(url).await?;
-    let mut requests = responder.subscribe(subject.clone()).await?;
-    let echo = tokio::spawn(async move {
-        while let Some(message) = requests.next().await {
-            if let Some(reply) = message.reply {
-                let _ = responder.publish(reply, message.payload).await;
-            }
-        }
-    });
+    let requests = responder.subscribe(subject.clone()).await?;
+    let echo = tokio::spawn(echo_back(responder, requests));
+    let baselines = echo_levels(cli, url, &subject, inputs).await;
+    echo.abort();
+    baselines
+}
+
+/// The plain echo with its responder in a process of its own (`--client raw` only: the raw
+/// rows are the ones compared with it).
+async fn process_echo(
+    cli: &Cli,
+    url: &str,
+    inputs: &[String],
+    pids: &mut Vec<u32>,
+) -> anyhow::Result<Vec<EchoBaseline>> {
+    if cli.client != crate::ClientArg::Raw || cli.rate.is_some() || cli.overload.is_some() {
+        return Ok(Vec::new());
+    }
+    let subject = format!("loadtest{}.process_echo", std::process::id());
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command.arg("--echo-responder").arg(url).arg(&subject);
+    let responder = tokio::task::spawn_blocking(move || {
+        testkit::ChildProcess::spawn(command, "echo responder ready", Duration::from_secs(10))
+    })
+    .await?;
+    pids.push(responder.pid());
+    let baselines = echo_levels(cli, url, &subject, inputs).await;
+    drop(responder);
+    baselines
+}
+
+/// The raw client against an echo responder on `subject`, at each closed-loop concurrency of
+/// the run (the largest one only for open loops), 2 s each.
+async fn echo_levels(
+    cli: &Cli,
+    url: &str,
+    subject: &str,
+    inputs: &[String],
+) -> anyhow::Result<Vec<EchoBaseline>> {
     let client = crate::connect(url).await?;
     let request =
         InferRequest::new((0..cli.inputs_per_request).map(|i| inputs[i % inputs.len()].clone()));
@@ -193,7 +258,7 @@ async fn nats_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Ve
     for concurrency in levels {
         let (requests_per_s, p50_ms) = echo_at(
             &client,
-            &subject,
+            subject,
             &payload,
             concurrency,
             Duration::from_secs(2),
@@ -205,7 +270,6 @@ async fn nats_echo(cli: &Cli, url: &str, inputs: &[String]) -> anyhow::Result<Ve
             p50_ms,
         });
     }
-    echo.abort();
     Ok(baselines)
 }
 

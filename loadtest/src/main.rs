@@ -103,6 +103,10 @@ pub struct Cli {
     /// What sends the requests to the processors (core transport only).
     #[arg(long, value_enum, default_value_t = ClientArg::Producer)]
     client: ClientArg,
+    /// Internal: run only the plain echo responder on SUBJECT at URL, as a process of its own
+    /// (the "echo process" baseline starts this binary so).
+    #[arg(long, hide = true, num_args = 2, value_names = ["URL", "SUBJECT"])]
+    echo_responder: Option<Vec<String>>,
 }
 
 /// What sends the requests (see [`drive::Sender`]).
@@ -258,6 +262,15 @@ impl ModelArg {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some([url, subject]) = cli.echo_responder.as_deref() {
+        return match baseline::echo_responder(url, subject).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("loadtest echo responder: {err:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     tokio::select! {
         result = run(cli) => match result {
             Ok(()) => std::process::ExitCode::SUCCESS,

@@ -49,6 +49,9 @@ pub struct Run {
     pub vs_nats_echo: f64,
     /// requests/s over the client echo at the same concurrency (closed loops; 0 if none).
     pub vs_client_echo: f64,
+    /// requests/s over the echo process at the same concurrency (raw client, closed loops;
+    /// 0 if none).
+    pub vs_process_echo: f64,
 }
 
 /// Everything a run of the tool measured.
@@ -131,6 +134,7 @@ impl Run {
             vs_bare_model: 0.0,
             vs_nats_echo: 0.0,
             vs_client_echo: 0.0,
+            vs_process_echo: 0.0,
         }
     }
 }
@@ -174,14 +178,20 @@ impl Report {
                 echo.concurrency, echo.requests_per_s, echo.p50_ms
             );
         }
+        for echo in &baselines.process_echo {
+            println!(
+                "plain NATS echo, responder in a process of its own, at {} in flight: {:.0} requests/s (p50 {:.3} ms)",
+                echo.concurrency, echo.requests_per_s, echo.p50_ms
+            );
+        }
         for echo in &baselines.client_echo {
             println!(
                 "client echo (producer library, pre-encoded replies) at {} in flight: {:.0} requests/s (p50 {:.3} ms)",
                 echo.concurrency, echo.requests_per_s, echo.p50_ms
             );
         }
-        println!("| workers | nats | in flight | requests/s | inputs/s | p50 ms | p90 ms | p99 ms | max ms | mean batch | errors | efficiency | vs NATS echo | vs client echo |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| workers | nats | in flight | requests/s | inputs/s | p50 ms | p90 ms | p99 ms | max ms | mean batch | errors | efficiency | vs NATS echo | vs echo process | vs client echo |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         Report {
             model: cli.model,
             model_path: cli.model_path.display().to_string(),
@@ -202,7 +212,7 @@ impl Report {
     /// Fills in the ratios and prints the run's row.
     pub fn print_row(&self, run: &Run) {
         println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0}% | {:.2}× | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {:.0}% | {:.2}× | {} | {} |",
             run.workers,
             run.bus(),
             match run.load {
@@ -224,6 +234,10 @@ impl Report {
             run.errors,
             self.efficiency(run) * 100.0,
             self.vs_echo(run),
+            match self.vs_process_echo(run) {
+                0.0 => "n/a".to_string(),
+                ratio => format!("{ratio:.2}×"),
+            },
             match self.vs_client_echo(run) {
                 0.0 => "n/a".to_string(),
                 ratio => format!("{ratio:.2}×"),
@@ -264,6 +278,19 @@ impl Report {
             })
     }
 
+    /// requests/s over the echo process at the same concurrency (0 when it was not
+    /// measured there).
+    fn vs_process_echo(&self, run: &Run) -> f64 {
+        let Load::Closed { concurrency } = run.load else {
+            return 0.0;
+        };
+        self.baselines
+            .process_echo_at(concurrency)
+            .map_or(0.0, |echo| {
+                run.requests_per_s / echo.requests_per_s.max(1e-9)
+            })
+    }
+
     fn efficiency(&self, run: &Run) -> f64 {
         let ideal = if self.model.scales_with_workers() {
             self.baselines.model_inputs_per_s * run.workers as f64
@@ -277,16 +304,18 @@ impl Report {
     pub fn finish(mut self, cli: &Cli) -> anyhow::Result<()> {
         let bare = self.baselines.model_inputs_per_s.max(1e-9);
         for i in 0..self.runs.len() {
-            let (efficiency, vs_echo, vs_client_echo) = (
+            let (efficiency, vs_echo, vs_client_echo, vs_process_echo) = (
                 self.efficiency(&self.runs[i]),
                 self.vs_echo(&self.runs[i]),
                 self.vs_client_echo(&self.runs[i]),
+                self.vs_process_echo(&self.runs[i]),
             );
             let run = &mut self.runs[i];
             run.efficiency = efficiency;
             run.vs_bare_model = run.inputs_per_s / bare;
             run.vs_nats_echo = vs_echo;
             run.vs_client_echo = vs_client_echo;
+            run.vs_process_echo = vs_process_echo;
         }
         for run in self.runs.iter().filter(|r| r.errors > 0) {
             eprintln!(

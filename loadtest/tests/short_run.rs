@@ -123,6 +123,56 @@ fn a_short_echo_run_reports_every_figure_and_stops_its_processes() {
 }
 
 #[test]
+fn a_raw_run_also_measures_the_echo_responder_as_a_process_of_its_own() {
+    let dir = std::env::temp_dir().join(format!("loadtest-raw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("run.json");
+    let (stdout, report) = run_loadtest(
+        &[
+            "--workers",
+            "1",
+            "--model",
+            "echo",
+            "--client",
+            "raw",
+            "--duration",
+            "1s",
+            "--warmup",
+            "300ms",
+            "--concurrency",
+            "8",
+        ],
+        &json,
+    );
+    assert!(
+        stdout.contains("responder in a process of its own"),
+        "{stdout}"
+    );
+    let echoes = report["baselines"]["process_echo"].as_array().unwrap();
+    assert_eq!(echoes.len(), 1, "{echoes:?}");
+    let echo_rate = echoes[0]["requests_per_s"].as_f64().unwrap();
+    assert!(echo_rate > 0.0, "{echoes:?}");
+    let run = &report["runs"][0];
+    let ratio = run["vs_process_echo"].as_f64().unwrap();
+    assert!(
+        (ratio - run["requests_per_s"].as_f64().unwrap() / echo_rate).abs() < 1e-9,
+        "{run}"
+    );
+    assert_eq!(run["errors"], 0, "{run}");
+    // The baseline server, the echo responder, the run's server and its processor: gone.
+    let pids: Vec<u64> = report["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 4, "{pids:?}");
+    let alive: Vec<u64> = pids.into_iter().filter(|&pid| is_running(pid)).collect();
+    assert!(alive.is_empty(), "left running: {alive:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_bert_run_compares_the_service_with_the_bare_model_measured_by_processor_bench() {
     let dir = std::env::temp_dir().join(format!("loadtest-bert-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
