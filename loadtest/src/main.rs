@@ -259,9 +259,28 @@ impl ModelArg {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The echo responder process runs on one thread, as a processor does by default.
+    let threads = if cli.echo_responder.is_some() {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(start(cli)),
+        Err(err) => {
+            eprintln!("loadtest: starting the async runtime: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start(cli: Cli) -> std::process::ExitCode {
     if let Some([url, subject]) = cli.echo_responder.as_deref() {
         return match baseline::echo_responder(url, subject).await {
             Ok(()) => std::process::ExitCode::SUCCESS,

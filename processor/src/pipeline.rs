@@ -21,8 +21,11 @@ use crate::telemetry::{Shed, Telemetry};
 const DECODE_INLINE_BYTES: usize = 16 * 1024;
 
 /// Replies whose outputs hold about this many values or fewer are encoded on the async
-/// runtime's thread (tens of microseconds at most); larger ones on a blocking thread.
-const ENCODE_INLINE_VALUES: usize = 16 * 1024;
+/// runtime's thread (tens of microseconds at most: with one runtime thread, the default,
+/// nothing else is served meanwhile); larger ones on a blocking thread. JSON spells every
+/// float out in text, about 3× the cost of CBOR per value.
+const ENCODE_INLINE_VALUES_CBOR: usize = 4 * 1024;
+const ENCODE_INLINE_VALUES_JSON: usize = 1024;
 
 /// About how many values (floats, candidates, labels, bytes of text / 16) a reply holds: what
 /// its encoding costs, without encoding it.
@@ -44,8 +47,12 @@ fn reply_values(result: &Result<InferReply, ErrorBody>) -> usize {
 }
 
 /// Whether [`Pipeline::reply`] encodes `result` at once, without a blocking thread.
-pub(crate) fn encodes_quickly(result: &Result<InferReply, ErrorBody>) -> bool {
-    reply_values(result) <= ENCODE_INLINE_VALUES
+pub(crate) fn encodes_quickly(encoding: Encoding, result: &Result<InferReply, ErrorBody>) -> bool {
+    let inline = match encoding {
+        Encoding::Cbor => ENCODE_INLINE_VALUES_CBOR,
+        Encoding::Json => ENCODE_INLINE_VALUES_JSON,
+    };
+    reply_values(result) <= inline
 }
 
 /// Why [`Pipeline::place`] found no place for a request.
@@ -369,7 +376,7 @@ impl Pipeline {
         inputs: usize,
     ) -> Reply {
         let max_payload = self.nats.max_payload();
-        if encodes_quickly(&result) {
+        if encodes_quickly(encoding, &result) {
             return request::reply(encoding, result, inputs, max_payload);
         }
         tokio::task::spawn_blocking(move || request::reply(encoding, result, inputs, max_payload))
@@ -422,9 +429,14 @@ mod tests {
                     .collect(),
             )
         };
-        // A request of 16 sentences of a 384-wide model: inline; 64 of a 768-wide one: not.
-        assert!(encodes_quickly(&embeddings(16, 384)));
-        assert!(!encodes_quickly(&embeddings(64, 768)));
+        // A request of 8 sentences of a 384-wide model: inline in CBOR, not in JSON (2 are);
+        // 64 of a 768-wide one: in neither.
+        assert!(encodes_quickly(Encoding::Cbor, &embeddings(8, 384)));
+        assert!(!encodes_quickly(Encoding::Json, &embeddings(8, 384)));
+        assert!(encodes_quickly(Encoding::Json, &embeddings(2, 384)));
+        for encoding in [Encoding::Cbor, Encoding::Json] {
+            assert!(!encodes_quickly(encoding, &embeddings(64, 768)));
+        }
         // One input with many masks and the largest top_k is large whatever its input count.
         let candidates = (0..100)
             .map(|i| schemas::MaskPrediction {
@@ -437,9 +449,9 @@ mod tests {
             masks: vec![candidates; 64],
             sequence: "x".repeat(1000),
         });
-        assert!(!encodes_quickly(&reply_of(vec![fill])));
+        assert!(!encodes_quickly(Encoding::Cbor, &reply_of(vec![fill])));
         let error = Err(ErrorBody::new(ErrorCode::InvalidInput, "no"));
-        assert!(encodes_quickly(&error));
+        assert!(encodes_quickly(Encoding::Json, &error));
     }
 
     #[test]

@@ -262,6 +262,9 @@ pub(crate) fn unknown_task(name: &str) -> ErrorBody {
 /// Bytes NATS counts for a message's headers (`NATS/1.0\r\n`, `Name: value\r\n` each, and
 /// the closing `\r\n`), so that headers + body can be compared with `max_payload`.
 fn header_bytes(message_headers: &HeaderMap) -> usize {
+    if message_headers.is_empty() {
+        return 0; // sent as a plain message, without a header block
+    }
     let fields: usize = message_headers
         .iter()
         .map(|(name, values)| {
@@ -282,6 +285,10 @@ pub(crate) struct Reply {
     pub error: Option<ErrorBody>,
 }
 
+/// Bytes reserved for a reply before it is encoded: growing from empty costs a
+/// reallocation at every doubling (seven for a 500-byte reply).
+const ENCODE_CAPACITY: usize = 1024;
+
 /// Encodes the reply to a request of `inputs` inputs. A success reply larger than
 /// `max_payload` (the server's message limit, headers included) is replaced by a
 /// `too_large` error that says how many inputs per request would fit.
@@ -295,7 +302,7 @@ pub(crate) fn reply(
         Ok(reply) => {
             // CBOR, the default, needs no header to be recognised (see `success_headers`).
             let headers = success_headers(encoding);
-            match encode(encoding, &reply) {
+            match schemas::encode_with_capacity(encoding, &reply, ENCODE_CAPACITY) {
                 Ok(body) if body.len() + header_bytes(&headers) <= max_payload => {
                     return Reply {
                         headers,

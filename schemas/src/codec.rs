@@ -66,26 +66,25 @@ pub fn decode<T: DeserializeOwned>(encoding: Encoding, payload: &[u8]) -> Result
     }
 }
 
-/// Bytes reserved before encoding (CBOR and JSON).
-const ENCODE_CAPACITY: usize = 1024;
-
 /// Encodes a value in the given encoding.
 pub fn encode<T: Serialize>(encoding: Encoding, value: &T) -> Result<Vec<u8>, CodecError> {
+    encode_with_capacity(encoding, value, 0)
+}
+
+/// [`encode`] into a buffer that starts with `capacity` bytes reserved (for a caller that
+/// knows about how large the value is, and drops the buffer soon).
+pub fn encode_with_capacity<T: Serialize>(
+    encoding: Encoding,
+    value: &T,
+    capacity: usize,
+) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(capacity);
     match encoding {
-        Encoding::Cbor => {
-            // Room for a small reply up front: growing from empty costs a reallocation at
-            // every doubling (seven for a 500-byte reply).
-            let mut out = Vec::with_capacity(ENCODE_CAPACITY);
-            ciborium::ser::into_writer(value, &mut out)
-                .map_err(|e| CodecError::Cbor(e.to_string()))?;
-            Ok(out)
-        }
-        Encoding::Json => {
-            let mut out = Vec::with_capacity(ENCODE_CAPACITY);
-            serde_json::to_writer(&mut out, value)?;
-            Ok(out)
-        }
+        Encoding::Cbor => ciborium::ser::into_writer(value, &mut out)
+            .map_err(|e| CodecError::Cbor(e.to_string()))?,
+        Encoding::Json => serde_json::to_writer(&mut out, value)?,
     }
+    Ok(out)
 }
 
 fn cbor_message(error: ciborium::de::Error<std::io::Error>) -> String {

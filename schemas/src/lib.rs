@@ -10,7 +10,7 @@ mod server_url;
 mod task;
 mod types;
 
-pub use codec::{decode, encode, CodecError, Encoding};
+pub use codec::{decode, encode, encode_with_capacity, CodecError, Encoding};
 pub use error::{ErrorBody, ErrorCode};
 pub use server_url::{redact_server_urls, ServerUrls, UrlCredentials};
 pub use task::{subject, Task, UnknownTask, DEFAULT_SUBJECT_PREFIX};

@@ -254,6 +254,21 @@ async fn under_a_dispatch_hold_a_burst_reaches_the_idle_worker_as_one_batch() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_worker_that_finishes_a_batch_takes_the_next_at_once_even_under_a_hold() {
+    let mut harness = Harness::start(policy(8), 1, true).await;
+    let busy = harness.occupy_worker().await;
+    let hold = harness.batcher.hold_dispatch();
+    let queued = harness.spawn(&["q"], None);
+    harness.wait_queued(1).await;
+    // The hold keeps idle workers from being handed work, not a worker that asks for it.
+    harness.release(2);
+    assert_eq!(harness.next_batch().await, ["q"]);
+    assert_eq!(queued.await.unwrap().unwrap().batch_size, 1);
+    assert!(busy.await.unwrap().is_ok());
+    drop(hold);
+}
+
+#[tokio::test(start_paused = true)]
 async fn while_the_worker_is_busy_inputs_accumulate_up_to_max_size() {
     let mut harness = Harness::start(policy(4), 1, true).await;
     let first = harness.spawn(&["a"], None);

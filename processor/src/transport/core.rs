@@ -167,19 +167,26 @@ async fn serve_endpoint(
     route_replies: ReplyRoute,
 ) {
     while let Some(first) = endpoint.next().await {
-        // Every message already received is queued before a sleeping worker is woken.
-        let hold = pipeline.hold_dispatch();
+        // Every message already received is queued before a sleeping worker is woken (the
+        // catch-all queues nothing: no hold). Nothing in the burst awaits: the replies that
+        // need no model (refusals) are sent once it is handed over.
+        let hold = matches!(route, Route::Task(_)).then(|| pipeline.hold_dispatch());
+        let mut at_once = Vec::new();
         let mut next = Some(first);
         let mut taken = 0;
         while let Some(request) = next.take() {
             // A panic while taking one request (it is answered `internal`, see `Pending`)
             // must not end the loop: the endpoint would unsubscribe and this task go unserved.
-            let took = AssertUnwindSafe(take(route, request, &pipeline, &answered, &route_replies))
-                .catch_unwind()
-                .await;
-            if let Err(panic) = took {
-                let message = crate::batcher::panic_message(panic.as_ref());
-                tracing::error!(panic = message, "taking a request panicked");
+            let took = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                take(route, request, &pipeline, &answered)
+            }));
+            match took {
+                Ok(Some(answer)) => at_once.push(answer),
+                Ok(None) => {}
+                Err(panic) => {
+                    let message = crate::batcher::panic_message(panic.as_ref());
+                    tracing::error!(panic = message, "taking a request panicked");
+                }
             }
             taken += 1;
             if taken < MAX_BURST {
@@ -187,6 +194,20 @@ async fn serve_endpoint(
             }
         }
         drop(hold);
+        for AtOnce {
+            request,
+            task,
+            reply,
+        } in at_once
+        {
+            let sent = AssertUnwindSafe(send(&request, task, reply, &pipeline, &route_replies))
+                .catch_unwind()
+                .await;
+            if let Err(panic) = sent {
+                let message = crate::batcher::panic_message(panic.as_ref());
+                tracing::error!(panic = message, "answering a request panicked");
+            }
+        }
     }
 }
 
@@ -194,15 +215,22 @@ async fn serve_endpoint(
 /// decoding of this many requests (tens of microseconds) before it is handed the burst.
 const MAX_BURST: usize = 64;
 
-/// Admits one message and hands it to the pipeline, or answers it at once. Nothing here
-/// waits for the model: the result reaches the replier through `answered`.
-async fn take(
+/// A request answered without the model (unknown task, overloaded), its reply to be sent.
+struct AtOnce {
+    request: Request,
+    task: Option<Task>,
+    reply: Reply,
+}
+
+/// Admits one message and hands it to the pipeline, or returns the reply that answers it at
+/// once. Nothing here waits: the result of a computed request reaches the replier through
+/// `answered`.
+fn take(
     route: Route,
     request: Request,
     pipeline: &Arc<Pipeline>,
     answered: &mpsc::UnboundedSender<Answered>,
-    route_replies: &ReplyRoute,
-) {
+) -> Option<AtOnce> {
     let received = Instant::now();
     let message = &request.message;
     let encoding = request::encoding_of(message.headers.as_ref(), &message.payload);
@@ -211,17 +239,21 @@ async fn take(
         Route::UnknownTask => {
             let name = message.subject.rsplit('.').next().unwrap_or_default();
             if Task::ALL.iter().any(|task| task.as_str() == name) {
-                return; // its own endpoint answers it
+                return None; // its own endpoint answers it
             }
             let reply = request::error_reply(encoding, request::unknown_task(name));
-            return send(&request, None, reply, pipeline, route_replies).await;
+            return Some(AtOnce {
+                request,
+                task: None,
+                reply,
+            });
         }
     };
     if message.reply.is_none() {
         // Nobody to answer: computing it would be wasted.
         tracing::warn!(subject = %message.subject, "a request without a reply subject: dropped");
         pipeline.record(Some(task), None, false);
-        return;
+        return None;
     }
     let ticket = match pipeline.admit(
         task,
@@ -232,7 +264,11 @@ async fn take(
         Ok(ticket) => ticket,
         Err(overloaded) => {
             let reply = request::error_reply(encoding, overloaded);
-            return send(&request, Some(task), reply, pipeline, route_replies).await;
+            return Some(AtOnce {
+                request,
+                task: Some(task),
+                reply,
+            });
         }
     };
     // Its `Request-Id` in the logs of its reply (a disabled span when debug logs are off).
@@ -260,6 +296,7 @@ async fn take(
         received,
         move |result, inputs| pending.answer(result, inputs),
     );
+    None
 }
 
 /// An admitted request until its result is handed to the replier. Dropped without an answer
@@ -308,8 +345,9 @@ impl Drop for Pending {
 
 /// Encodes and sends the replies of computed requests, in the order they were answered:
 /// one task for all of them, woken once per batch rather than once per request. A large
-/// reply (over about 16k values: up to megabytes) is encoded on a blocking thread by a task
-/// of its own, so that it holds up no other for more than tens of microseconds.
+/// reply (over about 4k values in CBOR, 1k in JSON: up to megabytes) is encoded on a
+/// blocking thread by a task of its own, so that it holds up no other for more than tens of
+/// microseconds.
 async fn reply_loop(
     mut replies: mpsc::UnboundedReceiver<Answered>,
     pipeline: Arc<Pipeline>,
@@ -319,7 +357,7 @@ async fn reply_loop(
     let mut ready = Vec::with_capacity(REPLIES_PER_WAKE);
     while replies.recv_many(&mut ready, REPLIES_PER_WAKE).await > 0 {
         for answered in ready.drain(..) {
-            if !crate::pipeline::encodes_quickly(&answered.result) {
+            if !crate::pipeline::encodes_quickly(answered.taken.encoding, &answered.result) {
                 let (pipeline, route_replies) = (pipeline.clone(), route_replies.clone());
                 requests.spawn(async move { reply_to(answered, &pipeline, &route_replies).await });
                 continue;
