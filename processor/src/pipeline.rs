@@ -23,7 +23,7 @@ const DECODE_INLINE_BYTES: usize = 16 * 1024;
 /// Replies whose outputs hold about this many values or fewer are encoded on the async
 /// runtime's thread (tens of microseconds at most: with one runtime thread, the default,
 /// nothing else is served meanwhile); larger ones on a blocking thread. JSON spells every
-/// float out in text, about 3× the cost of CBOR per value.
+/// float out in decimal text, which costs several times CBOR's binary copy per value.
 const ENCODE_INLINE_VALUES_CBOR: usize = 4 * 1024;
 const ENCODE_INLINE_VALUES_JSON: usize = 1024;
 
