@@ -47,33 +47,33 @@ pub struct EchoBaseline {
     pub p50_ms: f64,
 }
 
+impl EchoBaseline {
+    /// The one of `measured` at `concurrency` in flight, if any.
+    fn at(measured: &[EchoBaseline], concurrency: usize) -> Option<&EchoBaseline> {
+        measured.iter().find(|echo| echo.concurrency == concurrency)
+    }
+}
+
 impl Baselines {
     /// The plain NATS echo at `concurrency` in flight (the largest measured if that one was
     /// not).
     pub fn echo_at(&self, concurrency: usize) -> (f64, f64) {
-        self.nats_echo
-            .iter()
-            .find(|echo| echo.concurrency == concurrency)
-            .map_or(
-                (self.nats_echo_requests_per_s, self.nats_echo_p50_ms),
-                |echo| (echo.requests_per_s, echo.p50_ms),
-            )
+        EchoBaseline::at(&self.nats_echo, concurrency).map_or(
+            (self.nats_echo_requests_per_s, self.nats_echo_p50_ms),
+            |echo| (echo.requests_per_s, echo.p50_ms),
+        )
     }
 
     /// The echo process (see [`Baselines::process_echo`]) at `concurrency` in flight, if it
     /// was measured there.
     pub fn process_echo_at(&self, concurrency: usize) -> Option<&EchoBaseline> {
-        self.process_echo
-            .iter()
-            .find(|echo| echo.concurrency == concurrency)
+        EchoBaseline::at(&self.process_echo, concurrency)
     }
 
     /// The client echo (see [`Baselines::client_echo`]) at `concurrency` in flight, if it was
     /// measured there.
     pub fn client_echo_at(&self, concurrency: usize) -> Option<&EchoBaseline> {
-        self.client_echo
-            .iter()
-            .find(|echo| echo.concurrency == concurrency)
+        EchoBaseline::at(&self.client_echo, concurrency)
     }
 }
 

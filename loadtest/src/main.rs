@@ -261,16 +261,12 @@ impl ModelArg {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The echo responder process runs on one thread, as a processor does by default.
-    let threads = if cli.echo_responder.is_some() {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if cli.echo_responder.is_some() {
+        // The echo responder process runs on one thread, as a processor does by default.
+        runtime.worker_threads(1);
+    }
+    let runtime = runtime.enable_all().build();
     match runtime {
         Ok(runtime) => runtime.block_on(start(cli)),
         Err(err) => {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use plotters::prelude::*;
 
-use crate::baseline::Baselines;
+use crate::baseline::{Baselines, EchoBaseline};
 use crate::drive::{Load, Outcome};
 use crate::{Cli, ModelArg};
 
@@ -234,14 +234,8 @@ impl Report {
             run.errors,
             self.efficiency(run) * 100.0,
             self.vs_echo(run),
-            match self.vs_process_echo(run) {
-                0.0 => "n/a".to_string(),
-                ratio => format!("{ratio:.2}×"),
-            },
-            match self.vs_client_echo(run) {
-                0.0 => "n/a".to_string(),
-                ratio => format!("{ratio:.2}×"),
-            }
+            ratio_cell(self.vs_process_echo(run)),
+            ratio_cell(self.vs_client_echo(run)),
         );
         if let (Some(_), Load::Open { rate }) = (self.overload, run.load) {
             let offered = run.requests + run.errors;
@@ -268,27 +262,17 @@ impl Report {
     /// requests/s over the client echo at the same concurrency (0 when it was not measured
     /// there).
     fn vs_client_echo(&self, run: &Run) -> f64 {
-        let Load::Closed { concurrency } = run.load else {
-            return 0.0;
-        };
-        self.baselines
-            .client_echo_at(concurrency)
-            .map_or(0.0, |echo| {
-                run.requests_per_s / echo.requests_per_s.max(1e-9)
-            })
+        vs_measured(run, |concurrency| {
+            self.baselines.client_echo_at(concurrency)
+        })
     }
 
     /// requests/s over the echo process at the same concurrency (0 when it was not
     /// measured there).
     fn vs_process_echo(&self, run: &Run) -> f64 {
-        let Load::Closed { concurrency } = run.load else {
-            return 0.0;
-        };
-        self.baselines
-            .process_echo_at(concurrency)
-            .map_or(0.0, |echo| {
-                run.requests_per_s / echo.requests_per_s.max(1e-9)
-            })
+        vs_measured(run, |concurrency| {
+            self.baselines.process_echo_at(concurrency)
+        })
     }
 
     fn efficiency(&self, run: &Run) -> f64 {
@@ -398,4 +382,24 @@ pub async fn batch_counters(nats: &async_nats::Client, service: &str) -> (u64, u
         batches += data["batches"].as_u64().unwrap_or(0);
     }
     (inputs, batches)
+}
+
+/// A run's requests/s over the baseline `at` its closed-loop concurrency (0 when that
+/// baseline was not measured there, or the load is open).
+fn vs_measured<'a>(run: &Run, at: impl Fn(usize) -> Option<&'a EchoBaseline>) -> f64 {
+    let Load::Closed { concurrency } = run.load else {
+        return 0.0;
+    };
+    at(concurrency).map_or(0.0, |echo| {
+        run.requests_per_s / echo.requests_per_s.max(1e-9)
+    })
+}
+
+/// A ratio for the table; "n/a" where the baseline was not measured.
+fn ratio_cell(ratio: f64) -> String {
+    if ratio == 0.0 {
+        "n/a".to_string()
+    } else {
+        format!("{ratio:.2}×")
+    }
 }

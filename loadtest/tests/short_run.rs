@@ -28,6 +28,20 @@ fn is_running(pid: u64) -> bool {
     }
 }
 
+/// Every process the run reports it started (`pids` in its JSON): `expected` of them, all
+/// stopped.
+fn assert_all_stopped(report: &serde_json::Value, expected: usize) {
+    let pids: Vec<u64> = report["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), expected, "{pids:?}");
+    let alive: Vec<u64> = pids.into_iter().filter(|&pid| is_running(pid)).collect();
+    assert!(alive.is_empty(), "left running: {alive:?}");
+}
+
 /// Runs loadtest with `args`, `--json json` and this workspace's processor; it must succeed.
 /// Returns what it printed and the JSON it wrote.
 fn run_loadtest(args: &[&str], json: &std::path::Path) -> (String, serde_json::Value) {
@@ -110,15 +124,7 @@ fn a_short_echo_run_reports_every_figure_and_stops_its_processes() {
     );
 
     // A nats-server for the baseline and one per worker count, plus 1 + 2 processors: gone.
-    let pids: Vec<u64> = report["pids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_u64().unwrap())
-        .collect();
-    assert_eq!(pids.len(), 1 + 2 + 3);
-    let alive: Vec<u64> = pids.into_iter().filter(|&pid| is_running(pid)).collect();
-    assert!(alive.is_empty(), "left running: {alive:?}");
+    assert_all_stopped(&report, 1 + 2 + 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -160,15 +166,7 @@ fn a_raw_run_also_measures_the_echo_responder_as_a_process_of_its_own() {
     );
     assert_eq!(run["errors"], 0, "{run}");
     // The baseline server, the echo responder, the run's server and its processor: gone.
-    let pids: Vec<u64> = report["pids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_u64().unwrap())
-        .collect();
-    assert_eq!(pids.len(), 4, "{pids:?}");
-    let alive: Vec<u64> = pids.into_iter().filter(|&pid| is_running(pid)).collect();
-    assert!(alive.is_empty(), "left running: {alive:?}");
+    assert_all_stopped(&report, 4);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -285,14 +283,6 @@ fn a_cluster_run_spreads_processors_over_the_nodes_and_measures_each_replica_cou
         );
     }
     // The baseline's server, three nodes, and the three processors of each row: all gone.
-    let pids: Vec<u64> = report["pids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_u64().unwrap())
-        .collect();
-    assert_eq!(pids.len(), 1 + 3 + 2 * 3, "{pids:?}");
-    let alive: Vec<u64> = pids.into_iter().filter(|&pid| is_running(pid)).collect();
-    assert!(alive.is_empty(), "left running: {alive:?}");
+    assert_all_stopped(&report, 1 + 3 + 2 * 3);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -183,10 +183,7 @@ async fn serve_endpoint(
             match took {
                 Ok(Some(answer)) => at_once.push(answer),
                 Ok(None) => {}
-                Err(panic) => {
-                    let message = crate::batcher::panic_message(panic.as_ref());
-                    tracing::error!(panic = message, "taking a request panicked");
-                }
+                Err(panic) => log_panic(panic.as_ref(), "taking a request panicked"),
             }
             taken += 1;
             if taken < MAX_BURST {
@@ -204,11 +201,16 @@ async fn serve_endpoint(
                 .catch_unwind()
                 .await;
             if let Err(panic) = sent {
-                let message = crate::batcher::panic_message(panic.as_ref());
-                tracing::error!(panic = message, "answering a request panicked");
+                log_panic(panic.as_ref(), "answering a request panicked");
             }
         }
     }
+}
+
+/// Logs a panic caught on the request path (the loop that caught it goes on).
+fn log_panic(panic: &(dyn std::any::Any + Send), what: &str) {
+    let message = crate::batcher::panic_message(panic);
+    tracing::error!(panic = message, "{what}");
 }
 
 /// Messages taken under one dispatch hold at most: a worker waits for no more than the
@@ -368,10 +370,9 @@ async fn reply_loop(
                 .catch_unwind()
                 .await;
             if let Err(panic) = replied {
-                let message = crate::batcher::panic_message(panic.as_ref());
-                tracing::error!(
-                    panic = message,
-                    "answering a request panicked; its reply is lost"
+                log_panic(
+                    panic.as_ref(),
+                    "answering a request panicked; its reply is lost",
                 );
             }
         }
