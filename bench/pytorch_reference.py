@@ -8,8 +8,11 @@ float32 on the CPU. Not part of CI; run it by hand in a throwaway venv:
     python3 -m venv /tmp/torchvenv
     /tmp/torchvenv/bin/pip install torch transformers
     HF_HUB_OFFLINE=1 /tmp/torchvenv/bin/python bench/pytorch_reference.py models/all-MiniLM-L6-v2
+
+BENCH_SETS=short16 BENCH_BATCHES=32 (comma-separated) pick a subset, as in the Rust benchmark.
 """
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +22,12 @@ from transformers import AutoModel, AutoTokenizer
 
 BATCH_SIZES = [1, 8, 32, 64]
 MIN_TIME = 3.0
+
+
+def selected(variable: str, value: str) -> bool:
+    """Whether `value` is in the comma-separated list in `variable` (all when it is unset)."""
+    chosen = os.environ.get(variable)
+    return chosen is None or value in chosen.split(",")
 
 
 def main() -> None:
@@ -33,6 +42,8 @@ def main() -> None:
     for name in ["short16", "mixed8_128"]:
         texts = inputs[name]
         for batch in BATCH_SIZES:
+            if not (selected("BENCH_SETS", name) and selected("BENCH_BATCHES", str(batch))):
+                continue
             # Tokenise outside the timed loop, padding each batch to its own longest input.
             batches = [
                 tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt")
