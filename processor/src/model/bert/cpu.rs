@@ -14,7 +14,14 @@
 //!   accumulates into it; GELU, softmax and LayerNorm are the vectorised kernels of
 //!   [`super::simd`].
 //! - **Matrix products** are the `gemm` crate's, the library burn's CPU backend (flex) calls
-//!   for its own matmul: no GEMM is written here.
+//!   for its own matmul: no GEMM is written here. Each runs on one thread.
+//! - **Threads**: the encoder shares work out itself rather than in every product. A batch
+//!   whose inputs cut into one equal-cost group per thread runs each group through all the
+//!   layers on its own thread, with no hand-off between threads until the end; any other
+//!   batch (one input, mixed lengths) cuts its token rows into one run per thread, with
+//!   three hand-offs per layer (after the q|k|v projection, after attention, after the
+//!   feed-forward block). gemm's own threads (a parallel region in every product) made a
+//!   single input 16-30% slower (Xeon, MiniLM, 2 threads).
 //!
 //! burn 0.22's model code runs on a dispatch backend (the same `Tensor` type on every
 //! device), which has no hook for a backend-specific op inside a model; flex hands a
@@ -31,14 +38,26 @@ use rayon::prelude::*;
 
 use super::simd;
 
-/// Element-wise work below this many values stays on the calling thread: splitting it
-/// costs more than it saves.
-const PARALLEL_VALUES: usize = 32 * 1024;
+/// Attention below this many multiply-adds stays on the calling thread: splitting it costs
+/// more than it saves.
+const PARALLEL_ATTENTION: usize = 128 * 1024;
+
+/// A batch left whole is shared out by token rows only if each thread gets at least this
+/// many: below, the hand-offs cost more than the rows.
+const MIN_ROWS: usize = 8;
 
 /// How much slower than an even share the slowest group of a split batch may be (see
-/// [`split`]). One thread per group ran ~20% faster than both threads on every
-/// product (Xeon and EPYC, MiniLM), so a split that balances within 15% still wins.
-const MAX_IMBALANCE: f64 = 1.15;
+/// [`split`]). A group per thread needs no hand-off inside a layer, where sharing the rows
+/// of a whole batch (`layers_by_rows`) needs three: 3-15% faster on batches of equal
+/// lengths, but up to 10% slower on mixed ones where the groups' times drifted 5-8% apart
+/// (Xeon, MiniLM, 2 threads).
+const MAX_IMBALANCE: f64 = 1.04;
+
+/// Cost of attention per `len² x hidden` in [`split`]'s model, in multiply-adds of the
+/// projections: its 2 (scores and value product) taken 4 times over, since its small
+/// per-head products and softmax run slower (calibrated on MiniLM on one thread: inputs of
+/// 8-128 tokens, mean 68, cost ~11% more per token than 16-token ones).
+const ATTENTION_WEIGHT: f64 = 8.0;
 
 /// One layer's parameters, matrices `[in, out]` row-major.
 pub struct CpuLayer {
@@ -63,6 +82,12 @@ struct Scratch {
     intermediate: Vec<f32>,
 }
 
+/// The work of one input of `len` tokens in a layer, in multiply-adds of the projections.
+fn input_cost(len: usize, hidden: usize, intermediate: usize) -> f64 {
+    let (len, h, i) = (len as f64, hidden as f64, intermediate as f64);
+    len * (4.0 * h * h + 2.0 * h * i) + ATTENTION_WEIGHT * len * len * h
+}
+
 /// Where to cut a batch of `lengths` into one contiguous group of inputs per thread, if
 /// that is worth it: the groups' costs (projections per token, attention per token pair)
 /// must balance to within [`MAX_IMBALANCE`], since the slowest group sets the time.
@@ -78,11 +103,7 @@ fn split(
     if groups < 2 {
         return None;
     }
-    let (h, i) = (hidden as f64, intermediate as f64);
-    let cost = |len: usize| {
-        let len = len as f64;
-        len * (4.0 * h * h + 2.0 * h * i) + 2.0 * len * len * h
-    };
+    let cost = |len: usize| input_cost(len, hidden, intermediate);
     let total: f64 = lengths.iter().map(|&l| cost(l)).sum();
     // Group sizes (in inputs): cut where the running cost is nearest each share.
     let mut sizes = Vec::with_capacity(groups);
@@ -229,15 +250,9 @@ unsafe fn matmul(
     );
 }
 
-/// `out[rows x n] += x[rows x k] * w[k x n]`, all contiguous row-major, on the pool's threads
-/// or (`parallel` false) on the calling one.
-fn accumulate_product(
-    out: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    (k, n): (usize, usize),
-    parallel: bool,
-) {
+/// `out[rows x n] += x[rows x k] * w[k x n]`, all contiguous row-major, on the calling
+/// thread (the encoder splits work across threads itself, see [`CpuEncoder::forward`]).
+fn accumulate_product(out: &mut [f32], x: &[f32], w: &[f32], (k, n): (usize, usize)) {
     let rows = x.len() / k;
     assert!(out.len() == rows * n && w.len() == k * n);
     if rows == 0 {
@@ -253,30 +268,9 @@ fn accumulate_product(
             (x.as_ptr(), k as isize, 1),
             (w.as_ptr(), n as isize, 1),
             1.0,
-            match parallel {
-                true => Parallelism::Rayon(0),
-                false => Parallelism::None,
-            },
+            Parallelism::None,
         );
     }
-}
-
-/// Runs `f` on chunks of rows of `values` (rows of `width`), in parallel when allowed and
-/// there is enough work.
-fn for_row_chunks(
-    values: &mut [f32],
-    width: usize,
-    parallel: bool,
-    f: impl Fn(&mut [f32]) + Sync + Send,
-) {
-    if !parallel || values.len() < PARALLEL_VALUES {
-        f(values);
-        return;
-    }
-    let threads = rayon::current_num_threads().max(1);
-    let rows = values.len() / width;
-    let chunk_rows = rows.div_ceil(threads * 2).max(1);
-    values.par_chunks_mut(chunk_rows * width).for_each(f);
 }
 
 impl CpuEncoder {
@@ -323,22 +317,44 @@ impl CpuEncoder {
             intermediate: &mut scratch.intermediate,
             lengths,
         };
-        match split(lengths, rayon::current_num_threads(), h, i) {
-            Some(groups) => {
-                // Each thread runs every layer over its own inputs, single-threaded: no
-                // hand-off between threads inside a layer (see [`split`]).
-                let parts = whole.split(&groups, h, i);
-                parts
-                    .into_par_iter()
-                    .with_max_len(1)
-                    .for_each(|part| self.layers(part, false));
-            }
-            None => self.layers(whole, true),
+        let threads = rayon::current_num_threads();
+        if let Some(groups) = split(lengths, threads, h, i) {
+            // Each thread runs every layer over its own inputs: no hand-off between threads
+            // inside a layer (see [`split`]).
+            let parts = whole.split(&groups, h, i);
+            parts
+                .into_par_iter()
+                .with_max_len(1)
+                .for_each(|part| self.layers(part));
+        } else if threads > 1 && tokens >= 2 * MIN_ROWS {
+            self.layers_by_rows(whole, threads.min(tokens / MIN_ROWS));
+        } else {
+            self.layers(whole);
         }
     }
 
-    /// Every layer over `part`, its products on the pool's threads if `parallel`.
-    fn layers(&self, part: Part<'_>, parallel: bool) {
+    /// Every layer over `part`, on the calling thread.
+    fn layers(&self, part: Part<'_>) {
+        let Part {
+            x,
+            qkv,
+            context,
+            intermediate,
+            lengths,
+        } = part;
+        for layer in &self.layers {
+            self.project_qkv(layer, x, qkv);
+            self.attention(qkv, context, lengths, false);
+            self.finish_layer(layer, x, context, intermediate);
+        }
+    }
+
+    /// Every layer over `part` on `chunks` threads: the token rows are cut into `chunks`
+    /// equal runs for the steps that work row by row (projections, feed-forward block,
+    /// LayerNorm), and attention is shared out by (input, head); three parallel steps per
+    /// layer, each product single-threaded. For a batch that [`split`] leaves whole (one
+    /// input, or lengths too uneven).
+    fn layers_by_rows(&self, part: Part<'_>, chunks: usize) {
         let Part {
             x,
             qkv,
@@ -347,36 +363,52 @@ impl CpuEncoder {
             lengths,
         } = part;
         let (h, i) = (self.hidden, self.intermediate);
+        let rows = (x.len() / h).div_ceil(chunks);
         for layer in &self.layers {
-            // Self-attention: packed q|k|v per token, then per (input, head).
-            simd::fill_rows(qkv, &layer.qkv_bias);
-            accumulate_product(qkv, x, &layer.qkv_weight, (h, 3 * h), parallel);
-            self.attention(qkv, context, lengths, parallel);
-            // x = LayerNorm(context * W + b + x)
-            simd::add_row_in_place(x, &layer.attention_out_bias);
-            accumulate_product(x, context, &layer.attention_out_weight, (h, h), parallel);
-            self.layer_norm(x, &layer.attention_norm, parallel);
-            // x = LayerNorm(gelu(x * W1 + b1) * W2 + b2 + x)
-            simd::fill_rows(intermediate, &layer.intermediate_bias);
-            accumulate_product(
-                intermediate,
-                x,
-                &layer.intermediate_weight,
-                (h, i),
-                parallel,
-            );
-            for_row_chunks(intermediate, i, parallel, simd::gelu);
-            simd::add_row_in_place(x, &layer.output_bias);
-            accumulate_product(x, intermediate, &layer.output_weight, (i, h), parallel);
-            self.layer_norm(x, &layer.output_norm, parallel);
+            x.par_chunks(rows * h)
+                .zip(qkv.par_chunks_mut(rows * 3 * h))
+                .for_each(|(x, qkv)| self.project_qkv(layer, x, qkv));
+            self.attention(qkv, context, lengths, true);
+            x.par_chunks_mut(rows * h)
+                .zip(context.par_chunks(rows * h))
+                .zip(intermediate.par_chunks_mut(rows * i))
+                .for_each(|((x, context), intermediate)| {
+                    self.finish_layer(layer, x, context, intermediate)
+                });
         }
     }
 
-    fn layer_norm(&self, x: &mut [f32], (gamma, beta): &(Vec<f32>, Vec<f32>), parallel: bool) {
-        let eps = self.eps;
-        for_row_chunks(x, self.hidden, parallel, |rows| {
-            simd::layer_norm_rows(rows, gamma, beta, eps)
-        });
+    /// `qkv = x * W_qkv + b` for some rows (q, k and v of a token side by side).
+    fn project_qkv(&self, layer: &CpuLayer, x: &[f32], qkv: &mut [f32]) {
+        let h = self.hidden;
+        simd::fill_rows(qkv, &layer.qkv_bias);
+        accumulate_product(qkv, x, &layer.qkv_weight, (h, 3 * h));
+    }
+
+    /// The rest of a layer after attention, for some rows (each row needs only its own):
+    /// `x = LayerNorm(context * W_o + b_o + x)`, then
+    /// `x = LayerNorm(gelu(x * W_1 + b_1) * W_2 + b_2 + x)`.
+    fn finish_layer(
+        &self,
+        layer: &CpuLayer,
+        x: &mut [f32],
+        context: &[f32],
+        intermediate: &mut [f32],
+    ) {
+        let (h, i) = (self.hidden, self.intermediate);
+        simd::add_row_in_place(x, &layer.attention_out_bias);
+        accumulate_product(x, context, &layer.attention_out_weight, (h, h));
+        self.layer_norm(x, &layer.attention_norm);
+        simd::fill_rows(intermediate, &layer.intermediate_bias);
+        accumulate_product(intermediate, x, &layer.intermediate_weight, (h, i));
+        simd::gelu(intermediate);
+        simd::add_row_in_place(x, &layer.output_bias);
+        accumulate_product(x, intermediate, &layer.output_weight, (i, h));
+        self.layer_norm(x, &layer.output_norm);
+    }
+
+    fn layer_norm(&self, x: &mut [f32], (gamma, beta): &(Vec<f32>, Vec<f32>)) {
+        simd::layer_norm_rows(x, gamma, beta, self.eps);
     }
 
     /// `context[t, head]` = softmax(q k^T / sqrt(d)) v over the tokens of `t`'s own input, for
@@ -433,7 +465,7 @@ impl CpuEncoder {
         };
         let tasks = lengths.len() * heads;
         let work: usize = lengths.iter().map(|&l| l * l * d).sum::<usize>() * heads;
-        if parallel && tasks > 1 && work * 2 >= PARALLEL_VALUES * 8 {
+        if parallel && tasks > 1 && work >= PARALLEL_ATTENTION {
             (0..tasks)
                 .into_par_iter()
                 .map(|t| (t / heads, t % heads))
@@ -453,8 +485,7 @@ mod tests {
     const I: usize = 1536;
 
     fn cost(len: usize) -> f64 {
-        let (len, h, i) = (len as f64, H as f64, I as f64);
-        len * (4.0 * h * h + 2.0 * h * i) + 2.0 * len * len * h
+        input_cost(len, H, I)
     }
 
     /// Checks the invariants of a split and returns the slowest group's cost over an even share.
@@ -492,19 +523,18 @@ mod tests {
         // One long input beside a short one: its thread would take all the time.
         assert_eq!(split(&[512, 8], 2, H, I), None);
         assert_eq!(split(&[128, 8, 8], 2, H, I), None);
+        // Seven equal inputs on two threads: 4 against 3.
+        assert_eq!(split(&[16; 7], 2, H, I), None);
     }
 
     #[test]
     fn mixed_lengths_split_into_balanced_contiguous_groups() {
         let lengths: Vec<usize> = (1..=40).map(|i| i * 3).collect();
-        for threads in [2, 3, 4] {
-            let sizes = split(&lengths, threads, H, I).expect("a split");
-            let ratio = imbalance(&lengths, threads, &sizes);
-            assert!(
-                ratio <= MAX_IMBALANCE,
-                "{threads} threads: {sizes:?} ({ratio})"
-            );
-        }
+        let sizes = split(&lengths, 2, H, I).expect("a split");
+        let ratio = imbalance(&lengths, 2, &sizes);
+        assert!(ratio <= MAX_IMBALANCE, "{sizes:?} ({ratio})");
+        // The long inputs sit at the end: the first group takes more of them.
+        assert!(sizes[0] > sizes[1], "{sizes:?}");
     }
 
     proptest::proptest! {
