@@ -522,7 +522,10 @@ fn processor_command(
         .env("PROCESSOR_MODEL__DTYPE", &cli.dtype)
         .env("PROCESSOR_MODEL__BATCH_MS", cli.sim_batch_ms.to_string())
         .env("PROCESSOR_MODEL__ITEM_MS", cli.sim_item_ms.to_string())
-        .env("PROCESSOR_BATCH__MAX_SIZE", cli.max_batch_size.to_string());
+        .env("PROCESSOR_BATCH__MAX_SIZE", cli.max_batch_size.to_string())
+        // The inputs repeat (the built-in 128 sentences over and over): with the output cache on,
+        // a BERT run would measure cache hits after the first pass, not the model.
+        .env("PROCESSOR_CACHE__MAX_BYTES", "0");
     if let Some(replicas) = replicas {
         command
             .env("PROCESSOR_SERVICE__TRANSPORT", "jetstream")
