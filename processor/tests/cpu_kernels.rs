@@ -10,9 +10,9 @@ use processor::model::bert::{BertModel, BertOptions};
 use processor::model::cpu_device;
 use proptest::prelude::*;
 
-/// The fused model runs on a pool of 3 threads, whatever the machine has: a batch of several
-/// inputs is then cut into groups computed one per thread (`cpu.rs`, `split`), one whose
-/// inputs differ too much in length runs whole on all three.
+/// The fused model runs on a pool of 3 threads, whatever the machine has: a batch of at
+/// least 3 inputs that cut into groups of equal cost is computed a group per thread
+/// (`cpu.rs`, `split`), any other of 16 tokens or more is shared out by token rows.
 fn load(dir: &std::path::Path, cpu_kernels: bool) -> BertModel {
     let options = BertOptions {
         cpu_kernels,
