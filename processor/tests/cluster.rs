@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use producer::{ClientOptions, Transport};
-use testkit::NatsCluster;
+use testkit::{ChildProcess, NatsCluster};
 
 mod common;
 use common::load::{
@@ -84,6 +84,7 @@ fn report(
     client: &producer::Client,
     counter: &ReplyCounter,
     fault: Instant,
+    processors: &[&ChildProcess],
 ) {
     let (median, slowest) = assert_all_ok(what, outcomes);
     let (stall, stall_began) = longest_stall(outcomes);
@@ -99,7 +100,9 @@ fn report(
     );
     assert!(
         stall < STALL_BOUND,
-        "{what}: no answer for {stall:?} (the producer's timeout is {timeout:?})"
+        "{what}: no answer for {stall:?} (the producer's timeout is {timeout:?}); the \
+         processors' last log lines:\n{}",
+        log_tails(processors),
     );
     // A lost reply costs a re-send: at most 1%. An election near its 9 s top also outlasts
     // the attempts of the requests sent in the last moment before the fault (they wait the
@@ -111,6 +114,21 @@ fn report(
         "{what}: {resent} of {} requests needed the producer's re-send ({allowed} allowed)",
         outcomes.len()
     );
+}
+
+/// The last lines each processor logged, to tell a stall's cause from a failed run.
+fn log_tails(processors: &[&ChildProcess]) -> String {
+    processors
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let log = p.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            format!("--- processor {i} ---\n{tail}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,6 +156,7 @@ async fn killing_the_node_the_processors_and_producer_are_attached_to_loses_noth
         &client,
         &counter,
         fault,
+        &[&first, &second],
     );
     // The same processes served before and after.
     for processor in [&mut first, &mut second] {
@@ -156,8 +175,8 @@ async fn killing_the_stream_leaders_node_loses_nothing() {
     // Processors on one of the other nodes, the producer on the third.
     let others: Vec<usize> = (0..3).filter(|&i| i != doomed).collect();
     drop(probe);
-    let _first = processor(&cluster.node(others[0]).url(), "jetstream", &[]);
-    let _second = processor(&cluster.node(others[0]).url(), "jetstream", &[]);
+    let first = processor(&cluster.node(others[0]).url(), "jetstream", &[]);
+    let second = processor(&cluster.node(others[0]).url(), "jetstream", &[]);
     let counter = ReplyCounter::start(&cluster.node(others[0]).url()).await;
     let client = client(&cluster.node(others[1]).url(), Transport::Jetstream).await;
     let answered = Arc::new(AtomicUsize::new(0));
@@ -174,6 +193,7 @@ async fn killing_the_stream_leaders_node_loses_nothing() {
         &client,
         &counter,
         fault,
+        &[&first, &second],
     );
     // A new leader took over on a surviving node.
     let (new_leader, _) = leaders(&cluster.node(others[0]).url()).await;
@@ -185,8 +205,8 @@ async fn a_rolling_restart_of_every_node_under_load_loses_nothing() {
     let _turn = TURN.lock().await;
     let cluster = NatsCluster::start(3);
     // Processors and producer are given every node, as a deployment's clients would be.
-    let _first = processor(&cluster.urls(), "jetstream", &[]);
-    let _second = processor(&cluster.urls(), "jetstream", &[]);
+    let first = processor(&cluster.urls(), "jetstream", &[]);
+    let second = processor(&cluster.urls(), "jetstream", &[]);
     leaders(&cluster.node(0).url()).await;
     let counter = ReplyCounter::start(&cluster.urls()).await;
     let client = client(&cluster.urls(), Transport::Jetstream).await;
@@ -224,6 +244,7 @@ async fn a_rolling_restart_of_every_node_under_load_loses_nothing() {
         &client,
         &counter,
         fault,
+        &[&first, &second],
     );
 }
 
