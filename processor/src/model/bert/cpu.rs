@@ -163,32 +163,31 @@ struct Part<'a> {
 impl<'a> Part<'a> {
     /// Cuts this part into consecutive groups of `sizes` inputs each.
     fn split(self, sizes: &[usize], hidden: usize, intermediate_width: usize) -> Vec<Part<'a>> {
-        let Part {
-            mut x,
-            mut qkv,
-            mut context,
-            mut intermediate,
-            mut lengths,
-        } = self;
-        let mut parts = Vec::with_capacity(sizes.len());
+        let mut groups = Vec::with_capacity(sizes.len());
+        let mut rest = self.lengths;
         for &n in sizes {
-            let (own, rest) = lengths.split_at(n);
-            let tokens: usize = own.iter().sum();
-            let (x_own, x_rest) = x.split_at_mut(tokens * hidden);
-            let (qkv_own, qkv_rest) = qkv.split_at_mut(tokens * 3 * hidden);
-            let (context_own, context_rest) = context.split_at_mut(tokens * hidden);
-            let (inter_own, inter_rest) = intermediate.split_at_mut(tokens * intermediate_width);
-            parts.push(Part {
-                x: x_own,
-                qkv: qkv_own,
-                context: context_own,
-                intermediate: inter_own,
-                lengths: own,
-            });
-            (x, qkv, context, intermediate, lengths) =
-                (x_rest, qkv_rest, context_rest, inter_rest, rest);
+            let (own, later) = rest.split_at(n);
+            groups.push(own);
+            rest = later;
         }
-        parts
+        let tokens: Vec<usize> = groups.iter().map(|g| g.iter().sum()).collect();
+        let x = cut(self.x, &tokens, hidden);
+        let qkv = cut(self.qkv, &tokens, 3 * hidden);
+        let context = cut(self.context, &tokens, hidden);
+        let intermediate = cut(self.intermediate, &tokens, intermediate_width);
+        x.into_iter()
+            .zip(qkv)
+            .zip(context)
+            .zip(intermediate)
+            .zip(groups)
+            .map(|((((x, qkv), context), intermediate), lengths)| Part {
+                x,
+                qkv,
+                context,
+                intermediate,
+                lengths,
+            })
+            .collect()
     }
 }
 
@@ -360,15 +359,17 @@ impl CpuEncoder {
         }
     }
 
-    /// Every layer over `part`, on the calling thread.
-    fn layers(&self, part: Part<'_>) {
-        let Part {
+    /// Every layer over a part, on the calling thread.
+    fn layers(
+        &self,
+        Part {
             x,
             qkv,
             context,
             intermediate,
             lengths,
-        } = part;
+        }: Part<'_>,
+    ) {
         for layer in &self.layers {
             self.project_qkv(layer, x, qkv);
             self.attention(qkv, context, lengths, false);
@@ -376,19 +377,22 @@ impl CpuEncoder {
         }
     }
 
-    /// Every layer over `part` on `chunks` threads: the token rows are cut into `chunks`
-    /// runs of equal size (within one row) for the steps that work row by row (projections, feed-forward block,
-    /// LayerNorm), and attention is shared out by (input, head); three parallel steps per
-    /// layer, each product single-threaded. For a batch that [`split`] leaves whole (one
-    /// input, or lengths too uneven).
-    fn layers_by_rows(&self, part: Part<'_>, chunks: usize) {
-        let Part {
+    /// Every layer over a part on `chunks` threads: the token rows are cut into `chunks` runs
+    /// of equal size (within one row) for the steps that work row by row (projections,
+    /// feed-forward block, LayerNorm), and attention is shared out by (input, head); three
+    /// parallel steps per layer, each product single-threaded. For a batch that [`split`]
+    /// leaves whole (one input, or lengths too uneven).
+    fn layers_by_rows(
+        &self,
+        Part {
             x,
             qkv,
             context,
             intermediate,
             lengths,
-        } = part;
+        }: Part<'_>,
+        chunks: usize,
+    ) {
         let (h, i) = (self.hidden, self.intermediate);
         // Runs of equal size (one row more for the first few): a run of a single row would
         // take gemm's vector-matrix path, whose sums round differently.
