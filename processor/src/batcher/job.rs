@@ -1,6 +1,7 @@
 //! A request in flight through the scheduler: its prepared inputs, and the results gathered
 //! as its inputs' batches finish.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,6 +85,9 @@ pub(super) struct Job {
     /// The requester's `Request-Id`, for the logs.
     pub(super) request_id: Option<Arc<str>>,
     pub(super) progress: Mutex<Progress>,
+    /// Set once `progress.done` is taken: the queue's sweeps read it for every input they
+    /// pass, without taking the lock.
+    answered: AtomicBool,
 }
 
 pub(super) struct Progress {
@@ -130,17 +134,25 @@ impl Job {
                 largest_batch: 0,
                 done: Some(done),
             }),
+            answered: AtomicBool::new(false),
         }
     }
 
     /// Whether the request has been answered (its remaining inputs need no computing).
     pub(super) fn answered(&self) -> bool {
-        self.progress.lock().expect("job lock").done.is_none()
+        self.answered.load(Ordering::Acquire)
+    }
+
+    /// Takes the answer out of `progress` (if it is still there) and marks the job answered.
+    fn take_done(&self, progress: &mut Progress) -> Option<Done> {
+        let done = progress.done.take();
+        self.answered.store(true, Ordering::Release);
+        done
     }
 
     /// Answers the request now with an error; false if it was already answered.
     pub(super) fn refuse(&self, error: Refused) -> bool {
-        let done = self.progress.lock().expect("job lock").done.take();
+        let done = self.take_done(&mut self.progress.lock().expect("job lock"));
         match done {
             Some(done) => {
                 done.send(Err(error));
@@ -170,7 +182,7 @@ impl Job {
         if progress.remaining > 0 {
             return;
         }
-        let Some(done) = progress.done.take() else {
+        let Some(done) = self.take_done(&mut progress) else {
             return;
         };
         let batch_size = progress.largest_batch;

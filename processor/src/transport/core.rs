@@ -191,13 +191,17 @@ async fn serve_endpoint(
             }
         }
         drop(hold);
+        if at_once.is_empty() {
+            continue;
+        }
+        let via_endpoint = route_replies.read().await;
         for AtOnce {
             request,
             task,
             reply,
         } in at_once
         {
-            let sent = AssertUnwindSafe(send(&request, task, reply, &pipeline, &route_replies))
+            let sent = AssertUnwindSafe(send(&request, task, reply, &pipeline, *via_endpoint))
                 .catch_unwind()
                 .await;
             if let Err(panic) = sent {
@@ -358,17 +362,22 @@ async fn reply_loop(
 ) {
     let mut ready = Vec::with_capacity(REPLIES_PER_WAKE);
     while replies.recv_many(&mut ready, REPLIES_PER_WAKE).await > 0 {
+        // One look at the route for the whole wake, not one per reply.
+        let via_endpoint = route_replies.read().await;
         for answered in ready.drain(..) {
             if !crate::pipeline::encodes_quickly(answered.taken.encoding, &answered.result) {
                 let (pipeline, route_replies) = (pipeline.clone(), route_replies.clone());
-                requests.spawn(async move { reply_to(answered, &pipeline, &route_replies).await });
+                requests.spawn(async move {
+                    reply_to(answered, &pipeline, Via::Ask(&route_replies)).await
+                });
                 continue;
             }
             // A panic while answering one request must not end the replier: every later reply
             // goes through it.
-            let replied = AssertUnwindSafe(reply_to(answered, &pipeline, &route_replies))
-                .catch_unwind()
-                .await;
+            let replied =
+                AssertUnwindSafe(reply_to(answered, &pipeline, Via::Known(*via_endpoint)))
+                    .catch_unwind()
+                    .await;
             if let Err(panic) = replied {
                 log_panic(
                     panic.as_ref(),
@@ -382,7 +391,16 @@ async fn reply_loop(
 /// Replies taken from the replier's channel at once (it then sends them one after the other).
 const REPLIES_PER_WAKE: usize = 256;
 
-async fn reply_to(answered: Answered, pipeline: &Pipeline, route_replies: &ReplyRoute) {
+/// How [`reply_to`] learns the reply route (see [`ReplyRoute`]).
+enum Via<'a> {
+    /// Read by the caller, who holds the read guard until the reply is sent.
+    Known(bool),
+    /// To be read once the reply is encoded (a large one, on a task of its own).
+    Ask(&'a ReplyRoute),
+}
+
+/// Encodes and sends one reply.
+async fn reply_to(answered: Answered, pipeline: &Pipeline, via: Via<'_>) {
     let Answered {
         taken:
             Taken {
@@ -397,27 +415,36 @@ async fn reply_to(answered: Answered, pipeline: &Pipeline, route_replies: &Reply
     } = answered;
     async {
         let reply = pipeline.reply(encoding, result, inputs).await;
-        send(&request, Some(task), reply, pipeline, route_replies).await;
+        match via {
+            Via::Known(via_endpoint) => {
+                send(&request, Some(task), reply, pipeline, via_endpoint).await;
+            }
+            Via::Ask(route_replies) => {
+                let via_endpoint = route_replies.read().await;
+                send(&request, Some(task), reply, pipeline, *via_endpoint).await;
+            }
+        }
     }
     .instrument(span)
     .await;
     drop(ticket);
 }
 
+/// Sends a reply: through the endpoint if `via_endpoint` (the reply route, read by the
+/// caller under its guard), else over the main connection.
 async fn send(
     request: &Request,
     task: Option<Task>,
     reply: Reply,
     pipeline: &Pipeline,
-    route_replies: &ReplyRoute,
+    via_endpoint: bool,
 ) {
     let Reply {
         headers,
         body,
         error,
     } = reply;
-    let route = route_replies.read().await;
-    let sent = if *route {
+    let sent = if via_endpoint {
         // Through the endpoint, which counts it in the service's `$SRV.STATS`.
         request
             .respond_with_headers(Ok(body), headers)
@@ -433,7 +460,6 @@ async fn send(
             None => Err("the request has no reply subject".to_string()),
         }
     };
-    drop(route);
     let published = match sent {
         Ok(()) => true,
         Err(err) => {
