@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::service::{Service, ServiceExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,8 +26,9 @@ use crate::transport::{self, Intake};
 /// A started processor: model loaded, endpoints subscribed. Call [`Processor::run_until`].
 pub struct Processor {
     client: async_nats::Client,
-    /// The service registration, when the intake does not own it (JetStream).
-    service: Option<Service>,
+    /// Answers `$SRV` discovery (on the intake connection with the core transport: it stops
+    /// with the intake's drain).
+    discovery: tokio::task::JoinHandle<()>,
     intake: Intake,
     pipeline: Arc<Pipeline>,
     workers: Workers,
@@ -96,29 +96,32 @@ impl Processor {
             client.clone(),
         ));
         let prefix = &config.service.subject_prefix;
-        let (intake, service) = match config.service.transport {
+        let (intake, discovery) = match config.service.transport {
             Transport::Core => {
                 // The endpoints get a connection of their own: at shutdown it is drained (the
                 // messages already on their way are still delivered) and closed, while replies
                 // go on over the main one.
                 let name = format!("{}-intake", config.service.name);
                 let intake_client = connect(&config, &name, &telemetry).await?;
-                let service = register(&intake_client, &config, &pipeline).await?;
-                let intake =
-                    transport::core::Intake::start(service, intake_client.clone(), &config.service)
-                        .await?;
+                let (intake, endpoints) =
+                    transport::core::Intake::start(intake_client.clone(), &config.service).await?;
+                let discovery = discovery(&config, &pipeline, endpoints)
+                    .start(intake_client.clone())
+                    .await?;
                 intake_client
                     .flush()
                     .await
                     .context("flushing subscriptions to NATS")?;
-                (Intake::Core(Box::new(intake)), None)
+                (Intake::Core(Box::new(intake)), discovery)
             }
             Transport::Jetstream => {
-                let service = register(&client, &config, &pipeline).await?;
+                let discovery = discovery(&config, &pipeline, Vec::new())
+                    .start(client.clone())
+                    .await?;
                 let intake = transport::jetstream::Intake::start(&client, &config)
                     .await
                     .context("setting up the JetStream stream and consumer")?;
-                (Intake::JetStream(Box::new(intake)), Some(service))
+                (Intake::JetStream(Box::new(intake)), discovery)
             }
         };
         client
@@ -136,7 +139,7 @@ impl Processor {
         );
         Ok(Processor {
             client,
-            service,
+            discovery,
             intake,
             pipeline,
             workers,
@@ -209,12 +212,7 @@ impl Processor {
             tracing::warn!("NATS is unreachable: replies not yet sent to it are lost");
         } else {
             let stopped = tokio::time::timeout_at(deadline, async {
-                if let Some(service) = self.service {
-                    service
-                        .stop()
-                        .await
-                        .map_err(|e| anyhow::anyhow!("stopping the NATS service: {e}"))?;
-                }
+                self.discovery.abort();
                 self.client.flush().await.context("flushing replies")
             })
             .await;
@@ -272,12 +270,13 @@ async fn connect(
         .with_context(|| format!("connecting to NATS at {}", config.nats.redacted_url()))
 }
 
-/// Registers the NATS micro service (discovery and `$SRV.STATS`).
-async fn register(
-    client: &async_nats::Client,
+/// How `$SRV` discovery shows this processor: its name, model, subject prefix, `endpoints`,
+/// and in every endpoint's `data` the scheduler's and the replies' counters.
+fn discovery(
     config: &Config,
     pipeline: &Pipeline,
-) -> anyhow::Result<Service> {
+    endpoints: Vec<transport::discovery::Endpoint>,
+) -> transport::discovery::Discovery {
     let batcher_stats = pipeline.batcher.stats().clone();
     let reply_stats = pipeline.stats.clone();
     let metadata = HashMap::from([
@@ -290,21 +289,19 @@ async fn register(
             config.service.subject_prefix.clone(),
         ),
     ]);
-    client
-        .service_builder()
-        .description("batched BERT inference (embed, fill_mask, rerank, classify)")
-        .queue_group(&config.service.queue_group)
-        .metadata(metadata)
-        .stats_handler(move |_endpoint, _stats| {
+    transport::discovery::Discovery::new(
+        config.service.name.clone(),
+        "batched BERT inference (embed, fill_mask, rerank, classify)".to_string(),
+        metadata,
+        endpoints,
+        Box::new(move || {
             let mut data = batcher_stats.to_json();
             data["replies_ok"] = reply_stats.ok.load(Ordering::Relaxed).into();
             data["replies_error"] = reply_stats.errors.load(Ordering::Relaxed).into();
             data["shed_before_decoding"] = reply_stats.shed.load(Ordering::Relaxed).into();
             data
-        })
-        .start(&config.service.name, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| anyhow::anyhow!("registering the NATS service: {e}"))
+        }),
+    )
 }
 
 /// A processor serving in the background (see [`Processor::spawn`]).

@@ -210,6 +210,34 @@ async fn bad_input_gets_an_error_reply_and_the_next_request_is_answered() {
         let json: serde_json::Value = serde_json::from_slice(&ok.payload).unwrap();
         assert_eq!(json["outputs"][0]["text"], "still here");
     }
+    // `$SRV.STATS` counts every reply on the endpoint that took the request, error replies
+    // as errors too, with the last one's message and code.
+    let stats = service_stats(&nats, "bert-processor").await;
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    let endpoint = |name: &str| {
+        stats[0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no endpoint {name} in {stats:?}"))
+            .clone()
+    };
+    let counts = |name: &str| {
+        let e = endpoint(name);
+        (e["num_requests"].as_u64(), e["num_errors"].as_u64())
+    };
+    // 8 bad embed requests, each followed by a good one; 1 bad fill_mask; 1 unknown task.
+    assert_eq!(counts("embed"), (Some(18), Some(8)));
+    assert_eq!(counts("fill_mask"), (Some(1), Some(1)));
+    assert_eq!(counts("unknown_task"), (Some(1), Some(1)));
+    let unknown = endpoint("unknown_task");
+    let last_error = unknown["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last_error.starts_with("404:") && last_error.contains("`translate`"),
+        "{unknown}"
+    );
+    assert!(endpoint("embed")["processing_time"].as_u64().unwrap() > 0);
     processor.shutdown().await.unwrap();
 }
 
@@ -251,6 +279,18 @@ async fn the_service_is_discoverable_with_one_endpoint_per_task() {
         .unwrap();
     let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
     assert_eq!(ping["name"], "bert-processor");
+    assert_eq!(ping["type"], "io.nats.micro.v1.ping_response");
+    // Addressed to every service, or to this instance by its id: the same instance answers.
+    let id = ping["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 22, "{ping}");
+    for subject in [
+        "$SRV.PING".to_string(),
+        format!("$SRV.STATS.bert-processor.{id}"),
+    ] {
+        let answer = nats.request(subject.clone(), "".into()).await.unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+        assert_eq!(answer["id"], id.as_str(), "{subject}: {answer}");
+    }
 
     let info = nats
         .request("$SRV.INFO.bert-processor", "".into())

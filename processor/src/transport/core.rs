@@ -1,5 +1,6 @@
-//! The core transport: NATS micro service endpoints in the processors' queue group, one
-//! reply per request on its reply subject.
+//! The core transport: one queue subscription per task in the processors' queue group (the
+//! endpoints `$SRV` discovery shows, see `discovery`), one reply per request on its reply
+//! subject.
 //!
 //! Each endpoint's loop only admits and hands over: a message over the in-flight bounds is
 //! answered `overloaded` right there (nothing decoded), the others are decoded and queued
@@ -16,7 +17,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use async_nats::service::{endpoint::Endpoint, Request, Service};
+use async_nats::{Message, Subject, Subscriber};
 use futures::{FutureExt, StreamExt};
 use schemas::{Encoding, ErrorBody, ErrorCode, InferReply, Task};
 use tokio::sync::{mpsc, RwLock};
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::discovery::{self, EndpointCounters};
 use crate::config::ServiceConfig;
 use crate::pipeline::{Pipeline, Ticket};
 use crate::request::{self, Reply};
@@ -38,11 +40,16 @@ pub(crate) enum Route {
     UnknownTask,
 }
 
+/// An endpoint's subscription and its counters.
+struct Subscription {
+    route: Route,
+    messages: Subscriber,
+    counters: Arc<EndpointCounters>,
+}
+
 /// The endpoints of one processor.
 pub(crate) struct Intake {
-    endpoints: Vec<(Route, Endpoint)>,
-    /// The registration the endpoints belong to (on `connection`).
-    _service: Service,
+    subscriptions: Vec<Subscription>,
     /// The connection the endpoints subscribe on, drained at shutdown.
     connection: async_nats::Client,
 }
@@ -53,41 +60,57 @@ pub(crate) struct Intake {
 type ReplyRoute = Arc<RwLock<bool>>;
 
 impl Intake {
-    /// One endpoint per task in the queue group, plus the unknown-task catch-all, on the
-    /// connection `service` was registered on.
+    /// One endpoint per task in the queue group, plus the unknown-task catch-all, subscribed
+    /// on `connection`; returns them with how discovery shows them.
     pub(crate) async fn start(
-        service: Service,
         connection: async_nats::Client,
         config: &ServiceConfig,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<(Self, Vec<discovery::Endpoint>)> {
         let prefix = &config.subject_prefix;
-        let mut endpoints = Vec::new();
-        for task in Task::ALL {
-            let endpoint = service
-                .endpoint_builder()
-                .name(task.as_str())
-                .add(schemas::subject(prefix, task))
-                .await
-                .map_err(|e| anyhow::anyhow!("adding the {task} endpoint: {e}"))?;
-            endpoints.push((Route::Task(task), endpoint));
-        }
+        let mut routes: Vec<(Route, String, String, String)> = Task::ALL
+            .iter()
+            .map(|&task| {
+                let (name, subject) = (task.as_str().to_string(), schemas::subject(prefix, task));
+                (Route::Task(task), name, subject, config.queue_group.clone())
+            })
+            .collect();
         if config.reply_unknown_tasks {
             // A queue group of its own: this subscription also matches the known subjects,
             // and must not take those messages away from their endpoints.
-            let endpoint = service
-                .endpoint_builder()
-                .name("unknown_task")
-                .queue_group(format!("{}.unknown_task", config.queue_group))
-                .add(format!("{prefix}.*"))
-                .await
-                .map_err(|e| anyhow::anyhow!("adding the unknown-task endpoint: {e}"))?;
-            endpoints.push((Route::UnknownTask, endpoint));
+            routes.push((
+                Route::UnknownTask,
+                "unknown_task".to_string(),
+                format!("{prefix}.*"),
+                format!("{}.unknown_task", config.queue_group),
+            ));
         }
-        Ok(Intake {
-            endpoints,
-            _service: service,
+        let mut subscriptions = Vec::with_capacity(routes.len());
+        let mut endpoints = Vec::with_capacity(routes.len());
+        for (route, name, subject, queue_group) in routes {
+            let messages = connection
+                .queue_subscribe(subject.clone(), queue_group.clone())
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("subscribing the {name} endpoint to {subject}: {e}")
+                })?;
+            let counters = Arc::new(EndpointCounters::default());
+            subscriptions.push(Subscription {
+                route,
+                messages,
+                counters: counters.clone(),
+            });
+            endpoints.push(discovery::Endpoint {
+                name,
+                subject,
+                queue_group,
+                counters,
+            });
+        }
+        let intake = Intake {
+            subscriptions,
             connection,
-        })
+        };
+        Ok((intake, endpoints))
     }
 
     /// Serves every endpoint until `stop`; then drains the intake connection and answers
@@ -102,20 +125,18 @@ impl Intake {
     ) {
         let route_replies: ReplyRoute = Arc::new(RwLock::new(true));
         let (answered, replies) = mpsc::unbounded_channel();
-        requests.spawn(reply_loop(
-            replies,
-            pipeline.clone(),
-            requests.clone(),
-            route_replies.clone(),
-        ));
+        let replier = Replier {
+            pipeline: pipeline.clone(),
+            intake: self.connection.clone(),
+            route: route_replies.clone(),
+        };
+        requests.spawn(reply_loop(replies, replier.clone(), requests.clone()));
         let mut loops = tokio::task::JoinSet::new();
-        for (route, endpoint) in self.endpoints {
+        for subscription in self.subscriptions {
             loops.spawn(serve_endpoint(
-                route,
-                endpoint,
-                pipeline.clone(),
+                subscription,
+                replier.clone(),
                 answered.clone(),
-                route_replies.clone(),
             ));
         }
         // The loops and the requests in flight hold the other senders.
@@ -143,7 +164,11 @@ impl Intake {
 
 /// An admitted request, from admission until its reply is sent.
 struct Taken {
-    request: Request,
+    /// Where it came from (for the logs) and where its reply goes.
+    subject: Subject,
+    inbox: Subject,
+    received: Instant,
+    counters: Arc<EndpointCounters>,
     task: Task,
     encoding: Encoding,
     /// Its place in the in-flight bounds, given back once the reply is sent.
@@ -159,14 +184,27 @@ struct Answered {
     inputs: usize,
 }
 
-async fn serve_endpoint(
-    route: Route,
-    mut endpoint: Endpoint,
+/// What sends replies: the pipeline (encoding, counting), the intake connection and the reply
+/// route (see [`ReplyRoute`]).
+#[derive(Clone)]
+struct Replier {
     pipeline: Arc<Pipeline>,
+    intake: async_nats::Client,
+    route: ReplyRoute,
+}
+
+async fn serve_endpoint(
+    subscription: Subscription,
+    replier: Replier,
     answered: mpsc::UnboundedSender<Answered>,
-    route_replies: ReplyRoute,
 ) {
-    while let Some(first) = endpoint.next().await {
+    let Subscription {
+        route,
+        mut messages,
+        counters,
+    } = subscription;
+    let pipeline = &replier.pipeline;
+    while let Some(first) = messages.next().await {
         // Every message already received is queued before a sleeping worker is woken (the
         // catch-all queues nothing: no hold). Nothing in the burst awaits: the replies that
         // need no model (refusals) are sent once it is handed over.
@@ -174,11 +212,11 @@ async fn serve_endpoint(
         let mut at_once = Vec::new();
         let mut next = Some(first);
         let mut taken = 0;
-        while let Some(request) = next.take() {
+        while let Some(message) = next.take() {
             // A panic while taking one request (it is answered `internal`, see `Pending`)
-            // must not end the loop: the endpoint would unsubscribe and this task go unserved.
+            // must not end the loop: this task would go unserved.
             let took = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                take(route, request, &pipeline, &answered)
+                take(route, message, &counters, pipeline, &answered)
             }));
             match took {
                 Ok(Some(answer)) => at_once.push(answer),
@@ -187,25 +225,28 @@ async fn serve_endpoint(
             }
             taken += 1;
             if taken < MAX_BURST {
-                next = endpoint.next().now_or_never().flatten();
+                next = messages.next().now_or_never().flatten();
             }
         }
         drop(hold);
         if at_once.is_empty() {
             continue;
         }
-        let via_endpoint = route_replies.read().await;
+        let via_intake = replier.route.read().await;
         for AtOnce {
-            request,
+            subject,
+            inbox,
+            received,
             task,
             reply,
         } in at_once
         {
-            let sent = AssertUnwindSafe(send(&request, task, reply, &pipeline, *via_endpoint))
+            let sent = AssertUnwindSafe(replier.send(&subject, inbox, task, reply, *via_intake))
                 .catch_unwind()
                 .await;
-            if let Err(panic) = sent {
-                log_panic(panic.as_ref(), "answering a request panicked");
+            match sent {
+                Ok(error) => counters.record(received.elapsed(), error.as_ref()),
+                Err(panic) => log_panic(panic.as_ref(), "answering a request panicked"),
             }
         }
     }
@@ -223,7 +264,9 @@ const MAX_BURST: usize = 64;
 
 /// A request answered without the model (unknown task, overloaded), its reply to be sent.
 struct AtOnce {
-    request: Request,
+    subject: Subject,
+    inbox: Subject,
+    received: Instant,
     task: Option<Task>,
     reply: Reply,
 }
@@ -233,34 +276,42 @@ struct AtOnce {
 /// `answered`.
 fn take(
     route: Route,
-    request: Request,
+    message: Message,
+    counters: &Arc<EndpointCounters>,
     pipeline: &Arc<Pipeline>,
     answered: &mpsc::UnboundedSender<Answered>,
 ) -> Option<AtOnce> {
     let received = Instant::now();
-    let message = &request.message;
-    let encoding = request::encoding_of(message.headers.as_ref(), &message.payload);
     let task = match route {
-        Route::Task(task) => task,
+        Route::Task(task) => Some(task),
         Route::UnknownTask => {
             let name = message.subject.rsplit('.').next().unwrap_or_default();
             if Task::ALL.iter().any(|task| task.as_str() == name) {
                 return None; // its own endpoint answers it
             }
-            let reply = request::error_reply(encoding, request::unknown_task(name));
-            return Some(AtOnce {
-                request,
-                task: None,
-                reply,
-            });
+            None
         }
     };
-    if message.reply.is_none() {
+    let Some(inbox) = message.reply.clone() else {
         // Nobody to answer: computing it would be wasted.
         tracing::warn!(subject = %message.subject, "a request without a reply subject: dropped");
-        pipeline.record(Some(task), None, false);
+        pipeline.record(task, None, false);
         return None;
-    }
+    };
+    let encoding = request::encoding_of(message.headers.as_ref(), &message.payload);
+    let refuse = |error| {
+        Some(AtOnce {
+            subject: message.subject.clone(),
+            inbox: inbox.clone(),
+            received,
+            task,
+            reply: request::error_reply(encoding, error),
+        })
+    };
+    let Some(task) = task else {
+        let name = message.subject.rsplit('.').next().unwrap_or_default();
+        return refuse(request::unknown_task(name));
+    };
     let ticket = match pipeline.admit(
         task,
         message.payload.len(),
@@ -268,24 +319,22 @@ fn take(
         received,
     ) {
         Ok(ticket) => ticket,
-        Err(overloaded) => {
-            let reply = request::error_reply(encoding, overloaded);
-            return Some(AtOnce {
-                request,
-                task: Some(task),
-                reply,
-            });
-        }
+        Err(overloaded) => return refuse(overloaded),
     };
     // Its `Request-Id` in the logs of its reply (a disabled span when debug logs are off).
-    let span = request::span(message);
-    // The headers are only read while the request is decoded: taken, not copied.
-    let payload = message.payload.clone();
-    let mut request = request;
-    let message_headers = request.message.headers.take();
+    let span = request::span(&message);
+    let Message {
+        subject,
+        payload,
+        headers,
+        ..
+    } = message;
     let pending = Pending {
         held: Some(Taken {
-            request,
+            subject,
+            inbox,
+            received,
+            counters: counters.clone(),
             task,
             encoding,
             ticket,
@@ -298,7 +347,7 @@ fn take(
         task,
         encoding,
         &payload,
-        message_headers.as_ref(),
+        headers.as_ref(),
         received,
         move |result, inputs| pending.answer(result, inputs),
     );
@@ -356,28 +405,24 @@ impl Drop for Pending {
 /// microseconds.
 async fn reply_loop(
     mut replies: mpsc::UnboundedReceiver<Answered>,
-    pipeline: Arc<Pipeline>,
+    replier: Replier,
     requests: TaskTracker,
-    route_replies: ReplyRoute,
 ) {
     let mut ready = Vec::with_capacity(REPLIES_PER_WAKE);
     while replies.recv_many(&mut ready, REPLIES_PER_WAKE).await > 0 {
         // One look at the route for the whole wake, not one per reply.
-        let via_endpoint = route_replies.read().await;
+        let via_intake = replier.route.read().await;
         for answered in ready.drain(..) {
             if !crate::pipeline::encodes_quickly(answered.taken.encoding, &answered.result) {
-                let (pipeline, route_replies) = (pipeline.clone(), route_replies.clone());
-                requests.spawn(async move {
-                    reply_to(answered, &pipeline, Via::Ask(&route_replies)).await
-                });
+                let replier = replier.clone();
+                requests.spawn(async move { replier.reply_to(answered, None).await });
                 continue;
             }
             // A panic while answering one request must not end the replier: every later reply
             // goes through it.
-            let replied =
-                AssertUnwindSafe(reply_to(answered, &pipeline, Via::Known(*via_endpoint)))
-                    .catch_unwind()
-                    .await;
+            let replied = AssertUnwindSafe(replier.reply_to(answered, Some(*via_intake)))
+                .catch_unwind()
+                .await;
             if let Err(panic) = replied {
                 log_panic(
                     panic.as_ref(),
@@ -391,81 +436,77 @@ async fn reply_loop(
 /// Replies taken from the replier's channel at once (it then sends them one after the other).
 const REPLIES_PER_WAKE: usize = 256;
 
-/// How [`reply_to`] learns the reply route (see [`ReplyRoute`]).
-enum Via<'a> {
-    /// Read by the caller, who holds the read guard until the reply is sent.
-    Known(bool),
-    /// To be read once the reply is encoded (a large one, on a task of its own).
-    Ask(&'a ReplyRoute),
-}
-
-/// Encodes and sends one reply.
-async fn reply_to(answered: Answered, pipeline: &Pipeline, via: Via<'_>) {
-    let Answered {
-        taken:
-            Taken {
-                request,
-                task,
-                encoding,
-                ticket,
-                span,
-            },
-        result,
-        inputs,
-    } = answered;
-    async {
-        let reply = pipeline.reply(encoding, result, inputs).await;
-        match via {
-            Via::Known(via_endpoint) => {
-                send(&request, Some(task), reply, pipeline, via_endpoint).await;
-            }
-            Via::Ask(route_replies) => {
-                let via_endpoint = route_replies.read().await;
-                send(&request, Some(task), reply, pipeline, *via_endpoint).await;
-            }
+impl Replier {
+    /// Encodes and sends one reply. `via_intake` is the reply route if the caller read it
+    /// (and holds its read guard until the reply is sent); `None` reads it once the reply is
+    /// encoded (a large one, on a task of its own).
+    async fn reply_to(&self, answered: Answered, via_intake: Option<bool>) {
+        let Answered {
+            taken:
+                Taken {
+                    subject,
+                    inbox,
+                    received,
+                    counters,
+                    task,
+                    encoding,
+                    ticket,
+                    span,
+                },
+            result,
+            inputs,
+        } = answered;
+        async {
+            let reply = self.pipeline.reply(encoding, result, inputs).await;
+            let error = match via_intake {
+                Some(via_intake) => {
+                    self.send(&subject, inbox, Some(task), reply, via_intake)
+                        .await
+                }
+                None => {
+                    let via_intake = self.route.read().await;
+                    self.send(&subject, inbox, Some(task), reply, *via_intake)
+                        .await
+                }
+            };
+            counters.record(received.elapsed(), error.as_ref());
         }
+        .instrument(span)
+        .await;
+        drop(ticket);
     }
-    .instrument(span)
-    .await;
-    drop(ticket);
-}
 
-/// Sends a reply: through the endpoint if `via_endpoint` (the reply route, read by the
-/// caller under its guard), else over the main connection.
-async fn send(
-    request: &Request,
-    task: Option<Task>,
-    reply: Reply,
-    pipeline: &Pipeline,
-    via_endpoint: bool,
-) {
-    let Reply {
-        headers,
-        body,
-        error,
-    } = reply;
-    let sent = if via_endpoint {
-        // Through the endpoint, which counts it in the service's `$SRV.STATS`.
-        request
-            .respond_with_headers(Ok(body), headers)
-            .await
-            .map_err(|e| e.to_string())
-    } else {
-        match request.message.reply.clone() {
-            Some(inbox) => pipeline
-                .connection()
-                .publish_with_headers(inbox, headers, body)
-                .await
-                .map_err(|e| e.to_string()),
-            None => Err("the request has no reply subject".to_string()),
+    /// Sends a reply to `inbox`: over the intake connection if `via_intake` (the reply route,
+    /// read by the caller under its guard), else over the main connection. Counts it, and
+    /// returns its error body if it was an error reply.
+    async fn send(
+        &self,
+        subject: &Subject,
+        inbox: Subject,
+        task: Option<Task>,
+        reply: Reply,
+        via_intake: bool,
+    ) -> Option<ErrorBody> {
+        let Reply {
+            headers,
+            body,
+            error,
+        } = reply;
+        let connection = if via_intake {
+            &self.intake
+        } else {
+            self.pipeline.connection()
+        };
+        // A CBOR success reply has no headers: a plain `PUB`.
+        let sent = if headers.is_empty() {
+            connection.publish(inbox, body).await
+        } else {
+            connection.publish_with_headers(inbox, headers, body).await
+        };
+        if let Err(err) = &sent {
+            tracing::warn!(%err, %subject, "could not send a reply");
         }
-    };
-    let published = match sent {
-        Ok(()) => true,
-        Err(err) => {
-            tracing::warn!(%err, subject = %request.message.subject, "could not send a reply");
-            false
-        }
-    };
-    pipeline.record(task, error.as_ref(), published);
+        self.pipeline.record(task, error.as_ref(), sent.is_ok());
+        error
+    }
 }

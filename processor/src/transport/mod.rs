@@ -3,6 +3,7 @@
 //! [`crate::pipeline::Pipeline`] and differ only in how messages arrive and are settled.
 
 pub(crate) mod core;
+pub(crate) mod discovery;
 pub(crate) mod jetstream;
 
 use std::sync::Arc;
