@@ -26,9 +26,9 @@ use crate::transport::{self, Intake};
 /// A started processor: model loaded, endpoints subscribed. Call [`Processor::run_until`].
 pub struct Processor {
     client: async_nats::Client,
-    /// Answers `$SRV` discovery (on the intake connection with the core transport: it stops
-    /// with the intake's drain).
-    discovery: tokio::task::JoinHandle<()>,
+    /// Answers `$SRV` discovery (on the intake connection with the core transport); stops
+    /// once the intake has, or when dropped.
+    discovery: tokio_util::task::AbortOnDropHandle<()>,
     intake: Intake,
     pipeline: Arc<Pipeline>,
     workers: Workers,
@@ -205,6 +205,8 @@ impl Processor {
                 "grace period over: exiting with requests unanswered"
             );
         }
+        // Taking no more requests: no longer listed as an instance either.
+        self.discovery.abort();
         let stats = self.pipeline.stats.clone();
         drop(self.pipeline);
         if self.client.connection_state() != async_nats::connection::State::Connected {
@@ -212,15 +214,12 @@ impl Processor {
             tracing::warn!("NATS is unreachable: replies not yet sent to it are lost");
         } else {
             let stopped = tokio::time::timeout_at(deadline, async {
-                self.discovery.abort();
                 self.client.flush().await.context("flushing replies")
             })
             .await;
             match stopped {
                 Ok(result) => result?,
-                Err(_) => tracing::warn!(
-                    "grace period over: NATS did not take the last replies and the unsubscribe"
-                ),
+                Err(_) => tracing::warn!("grace period over: NATS did not take the last replies"),
             }
         }
         // The workers end once the last holder of the scheduler (the pipeline, its tasks) let go of it.

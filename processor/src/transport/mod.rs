@@ -1,4 +1,5 @@
-//! Where requests come from: the core transport (service endpoints in a queue group) or the
+//! Where requests come from: the core transport (a queue subscription per task, shown by
+//! `$SRV` discovery as the service's endpoints) or the
 //! JetStream transport (a durable work-queue stream). Both hand every message to the same
 //! [`crate::pipeline::Pipeline`] and differ only in how messages arrive and are settled.
 
@@ -15,7 +16,7 @@ use crate::pipeline::Pipeline;
 
 /// The intake a processor was configured with.
 pub(crate) enum Intake {
-    /// Service endpoints in the queue group.
+    /// Queue subscriptions, one per task, in the queue group.
     Core(Box<core::Intake>),
     /// The durable pull consumer of the work-queue stream.
     JetStream(Box<jetstream::Intake>),
