@@ -282,14 +282,15 @@ fn take(
     answered: &mpsc::UnboundedSender<Answered>,
 ) -> Option<AtOnce> {
     let received = Instant::now();
-    let task = match route {
-        Route::Task(task) => Some(task),
+    // The last subject token, for a catch-all message: the task it names, if none.
+    let (task, unknown) = match route {
+        Route::Task(task) => (Some(task), None),
         Route::UnknownTask => {
             let name = message.subject.rsplit('.').next().unwrap_or_default();
-            if Task::ALL.iter().any(|task| task.as_str() == name) {
+            if name.parse::<Task>().is_ok() {
                 return None; // its own endpoint answers it
             }
-            None
+            (None, Some(name))
         }
     };
     let Some(inbox) = message.reply.clone() else {
@@ -309,8 +310,7 @@ fn take(
         })
     };
     let Some(task) = task else {
-        let name = message.subject.rsplit('.').next().unwrap_or_default();
-        return refuse(request::unknown_task(name));
+        return refuse(request::unknown_task(unknown.unwrap_or_default()));
     };
     let ticket = match pipeline.admit(
         task,
