@@ -83,13 +83,13 @@ impl EndpointCounters {
 
 /// The service's identity and endpoints, as discovery answers them.
 pub(crate) struct Discovery {
-    pub name: String,
-    pub version: String,
-    pub description: String,
-    pub metadata: HashMap<String, String>,
-    pub endpoints: Vec<Endpoint>,
+    name: String,
+    version: String,
+    description: String,
+    metadata: HashMap<String, String>,
+    endpoints: Vec<Endpoint>,
     /// The `data` of every endpoint in `$SRV.STATS` (the scheduler's and replies' counters).
-    pub data: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    data: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     id: String,
     started: async_nats::datetime::DateTime,
 }
@@ -208,6 +208,8 @@ impl Discovery {
     }
 
     fn stats(&self) -> Stats {
+        // The same counters for every endpoint: read once per answer.
+        let data = (self.data)();
         Stats {
             kind: "io.nats.micro.v1.stats_response".to_string(),
             name: self.name.clone(),
@@ -217,7 +219,7 @@ impl Discovery {
             endpoints: self
                 .endpoints
                 .iter()
-                .map(|endpoint| endpoint.counters.stats(endpoint, (self.data)()))
+                .map(|endpoint| endpoint.counters.stats(endpoint, data.clone()))
                 .collect(),
         }
     }
